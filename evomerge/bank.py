@@ -1,0 +1,262 @@
+"""SourceBank: load the sources once, then materialize any recipe over them in place, fast.
+
+The bank keeps the reference weights (the base, or the first source for base-free methods) and
+one task vector (delta = source - reference) per source, resident on the chosen device. Facts a
+method needs about a delta that do not depend on the candidate (magnitude ranks for TIES and
+breadcrumbs, DARE's random field for a seed, norms for SLERP, cosines for Model Stock) are
+computed on first use and cached. Materializing a candidate is then a few scalar look-ups per
+tensor and one pass over memory in cache-sized chunks, written straight into a preallocated
+target: no disk I/O and no allocation of a whole model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import torch
+
+from evomerge.architecture import TensorRole, classify, count_blocks
+from evomerge.checkpoint import Checkpoint
+from evomerge.errors import EvomergeError
+from evomerge.methods import (
+    Keep,
+    MergeMethod,
+    combine,
+    drop_field,
+    l1_rescale_factor,
+    magnitude_rank,
+    model_stock_ratio,
+    pairwise_cosines,
+    plan_tensor,
+    tensor_seed,
+)
+from evomerge.recipe import DTYPES, Recipe
+
+CHUNK_ELEMENTS = 1 << 18  # ~1 MiB of float32 per operand: the working set stays in cache
+
+
+@dataclass
+class BankTensor:
+    name: str
+    role: TensorRole
+    reference: torch.Tensor
+    deltas: list[torch.Tensor | None]  # None: the source *is* the reference (zero delta)
+
+
+class SourceBank:
+    """Sources loaded once; `materialize(recipe)` builds candidates from them in memory."""
+
+    def __init__(
+        self,
+        sources: Iterable[str],
+        base: str | None = None,
+        *,
+        dtype: str | torch.dtype = "float32",
+        device: str | torch.device = "cpu",
+        allow_pickle: bool = False,
+        progress: bool = False,
+    ):
+        self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        self.device = torch.device(device)
+        self.sources = list(dict.fromkeys(str(s) for s in sources))
+        self.base = str(base) if base is not None else None
+        reference_ref = self.base or self.sources[0]
+        ref_ckpt = Checkpoint(reference_ref, allow_pickle=allow_pickle)
+        self.reference_path = ref_ckpt.path
+        self.config = ref_ckpt.config
+        self.model_type = ref_ckpt.model_type
+        source_ckpts = [Checkpoint(s, allow_pickle=allow_pickle) for s in self.sources]
+        names = ref_ckpt.names()
+        self.num_blocks = count_blocks(names, self.model_type)
+        self.tensors: dict[str, BankTensor] = {}
+        self._aids: dict[tuple, torch.Tensor] = {}
+        self._stats: dict[tuple, object] = {}
+        it = names
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(names, desc="loading sources", unit="tensor")
+        for name in it:
+            ref = ref_ckpt.get(name, self.dtype, self.device)
+            deltas: list[torch.Tensor | None] = []
+            for ref_name, ck in zip(self.sources, source_ckpts):
+                if ck.path == self.reference_path:
+                    deltas.append(None)
+                    continue
+                if name not in ck:
+                    raise EvomergeError(
+                        f"tensor {name!r} is in {reference_ref} but missing from source {ref_name}; "
+                        "all sources must share the base's architecture"
+                    )
+                t = ck.get(name, self.dtype, self.device)
+                if t.shape != ref.shape:
+                    role = classify(name, self.model_type)
+                    if role.family in ("embedding", "head") and t.shape[1:] == ref.shape[1:]:
+                        raise EvomergeError(
+                            f"vocabulary size mismatch in {name}: {ref_name} has {t.shape[0]} rows, "
+                            f"{reference_ref} has {ref.shape[0]}; resize the source's embeddings to the base "
+                            "tokenizer (model.resize_token_embeddings) or merge models that share a tokenizer"
+                        )
+                    raise EvomergeError(
+                        f"shape mismatch in {name}: {ref_name} has {tuple(t.shape)}, {reference_ref} has "
+                        f"{tuple(ref.shape)}; sources must share the base's architecture and sizes"
+                    )
+                deltas.append(t.sub_(ref))
+            self.tensors[name] = BankTensor(name, classify(name, self.model_type), ref, deltas)
+
+    # -- cached per-source facts --------------------------------------------------------------
+
+    def _delta(self, bt: BankTensor, i: int) -> torch.Tensor:
+        """The delta, materialized as zeros only where a method must inspect it (ranks, cosines)."""
+        d = bt.deltas[i]
+        if d is None:
+            d = torch.zeros_like(bt.reference)
+            bt.deltas[i] = d
+        return d
+
+    def _rank(self, bt: BankTensor, i: int) -> torch.Tensor:
+        key = ("rank", bt.name, i)
+        if key not in self._aids:
+            self._aids[key] = magnitude_rank(self._delta(bt, i))
+        return self._aids[key]
+
+    def _field(self, bt: BankTensor, i: int, seed: int) -> torch.Tensor:
+        key = ("field", bt.name, i)
+        cached = self._aids.get(key)
+        if cached is None or self._stats.get(("field_seed", bt.name, i)) != seed:
+            field = drop_field(bt.reference.shape, tensor_seed(seed, self.sources[i], bt.name)).to(self.device)
+            self._aids[key] = field
+            self._stats[("field_seed", bt.name, i)] = seed
+        return self._aids[key]
+
+    def _slerp_stats(self, bt: BankTensor, i: int) -> tuple:
+        key = ("slerp", bt.name, i)
+        if key not in self._stats:
+            ref = bt.reference
+            other = ref + self._delta(bt, i)
+            self._stats[key] = (ref.norm().item(), other.norm().item(), (ref * other).sum().item())
+        return self._stats[key]
+
+    def _cosines(self, bt: BankTensor, idx: tuple[int, ...], rowwise: bool) -> torch.Tensor:
+        key = ("cos", bt.name, idx, rowwise)
+        if key not in self._stats:
+            self._stats[key] = pairwise_cosines([self._delta(bt, i) for i in idx], rowwise)
+        return self._stats[key]
+
+    # -- materialization ----------------------------------------------------------------------
+
+    def source_indices(self, recipe: Recipe) -> list[int]:
+        if recipe.base != self.base and recipe.merge_method.needs_base:
+            raise EvomergeError(f"recipe base {recipe.base!r} differs from the bank's base {self.base!r}; build a bank for it")
+        out = []
+        for s in recipe.sources:
+            if s.model not in self.sources:
+                raise EvomergeError(f"recipe source {s.model!r} is not loaded in this bank; loaded: {self.sources}")
+            out.append(self.sources.index(s.model))
+        return out
+
+    def new_target(self, dtype: str | torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """A preallocated set of output tensors to materialize into again and again."""
+        dt = DTYPES[dtype] if isinstance(dtype, str) else (dtype or self.dtype)
+        return {n: torch.empty_like(bt.reference, dtype=dt) for n, bt in self.tensors.items()}
+
+    def materialize(
+        self,
+        recipe: Recipe,
+        out: Mapping[str, torch.Tensor] | torch.nn.Module | None = None,
+    ) -> Mapping[str, torch.Tensor]:
+        """Build the recipe's merged tensors into `out` (a name -> tensor map or a model) in place."""
+        method = recipe.merge_method
+        idx = self.source_indices(recipe)
+        target = self._target_map(out, recipe)
+        with torch.no_grad():
+            for name, bt in self.tensors.items():
+                dest = target.get(name)
+                if dest is None:
+                    continue
+                self._materialize_tensor(recipe, method, idx, bt, dest)
+        return target
+
+    def _target_map(self, out, recipe: Recipe) -> Mapping[str, torch.Tensor]:
+        if out is None:
+            return self.new_target(recipe.out_dtype or recipe.dtype)
+        if isinstance(out, torch.nn.Module):
+            state = out.state_dict(keep_vars=True)
+            missing = [n for n in self.tensors if n not in state]
+            if missing:
+                raise EvomergeError(
+                    f"target model has no tensor {missing[0]!r} (and {len(missing) - 1} more); "
+                    "build the target from the base's config"
+                )
+            seen: set[int] = set()
+            target = {}
+            for n in self.tensors:
+                t = state[n].data
+                if t.data_ptr() in seen:  # tied weights: write once
+                    continue
+                seen.add(t.data_ptr())
+                target[n] = t
+            return target
+        return out
+
+    def _materialize_tensor(self, recipe: Recipe, method: MergeMethod, idx: list[int], bt: BankTensor, dest: torch.Tensor) -> None:
+        if dest.shape != bt.reference.shape:
+            raise EvomergeError(f"target tensor {bt.name} has shape {tuple(dest.shape)}, expected {tuple(bt.reference.shape)}")
+        shared, per_source = recipe.resolve(bt.role, bt.name, self.num_blocks)
+        stats: dict = {}
+        if "slerp" in method.aids:
+            stats["slerp"] = self._slerp_stats(bt, idx[0])
+        if "cosine" in method.aids:
+            rowwise = bool(shared.get("filter_wise")) and bt.reference.dim() > 1
+            ratio = model_stock_ratio(self._cosines(bt, tuple(idx), rowwise), len(idx))
+            stats["ratio"] = ratio.reshape(-1, *([1] * (bt.reference.dim() - 1))) if rowwise else float(ratio)
+        n = bt.reference.numel()
+        plan = plan_tensor(method, n, shared, per_source, stats)
+        deltas = [bt.deltas[i] for i in idx]
+        aids: list[torch.Tensor | None] = [None] * len(idx)
+        for j, (i, keep) in enumerate(zip(idx, plan.keeps)):
+            if deltas[j] is None:
+                continue
+            if keep.kind == "rank":
+                aids[j] = self._rank(bt, i)
+            elif keep.kind == "field":
+                aids[j] = self._field(bt, i, recipe.seed)
+        keeps = plan.keeps
+        if plan.l1_rescale:
+            keeps = [
+                Keep(k.kind, k.lo, k.hi, l1_rescale_factor(d, k, a)) if d is not None else k
+                for k, d, a in zip(keeps, deltas, aids)
+            ]
+        ref = bt.reference
+        # Chunks along the first axis keep per-row coefficients (Model Stock filter-wise) aligned.
+        rows = ref.shape[0] if ref.dim() > 0 else 1
+        row_elems = max(1, n // max(rows, 1))
+        step = max(1, CHUNK_ELEMENTS // row_elems)
+        if ref.dim() == 0:
+            spans = [slice(None)]
+        else:
+            spans = [slice(s, min(rows, s + step)) for s in range(0, rows, step)]
+        for sl in spans:
+            coefs = [c[sl] if isinstance(c, torch.Tensor) else c for c in plan.coefficients]
+            combine(
+                ref[sl],
+                [d[sl] if d is not None else None for d in deltas],
+                coefs,
+                keeps,
+                [a[sl] if a is not None else None for a in aids],
+                ref_coefficient=plan.ref_coefficient,
+                consensus=plan.consensus,
+                normalize=plan.normalize,
+                weights=plan.weights,
+                lam=plan.lam,
+                out=dest[sl],
+            )
+
+    def memory_bytes(self) -> int:
+        total = 0
+        for bt in self.tensors.values():
+            total += bt.reference.numel() * bt.reference.element_size()
+            total += sum(d.numel() * d.element_size() for d in bt.deltas if d is not None)
+        total += sum(a.numel() * a.element_size() for a in self._aids.values())
+        return total

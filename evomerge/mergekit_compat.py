@@ -1,0 +1,96 @@
+"""Read a mergekit YAML config as an evomerge Recipe (for the methods both tools share).
+
+mergekit's `models:` form maps one to one: per-model `parameters`, global `parameters`, gradient
+lists (`weight: [a, b]`) and `filter:` conditionals (first matching entry wins) all mean the same
+thing here. The `slices:` form is accepted when it is one slice spanning every layer of every
+model, which is the `models:` form spelled longhand; real layer stacking is data-flow merging.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from evomerge.errors import EvomergeError
+from evomerge.methods import METHODS
+from evomerge.recipe import Recipe
+
+SHARED_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+                  "breadcrumbs_ties", "slerp", "model_stock")
+_IGNORED = {"int8_mask"}  # changes mergekit's memory use, not the merged values
+
+
+def is_mergekit_config(data: Any) -> bool:
+    return isinstance(data, dict) and "merge_method" in data
+
+
+def _ref(model: Any, where: str) -> str:
+    if isinstance(model, dict):  # mergekit's expanded ModelReference {model: {path: ...}}
+        model = model.get("model", {}).get("path") if isinstance(model.get("model"), dict) else model.get("path")
+    text = str(model)
+    if "+" in text:
+        raise EvomergeError(f"{where}: {text!r} applies a LoRA (model+lora); merge the adapter into the model first")
+    return text
+
+
+def _setting(value: Any) -> Any:
+    """mergekit conditionals [{filter, value}] become evomerge rules; scalars and gradients pass through."""
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        rules = []
+        for v in value:
+            rule = {"value": _setting(v["value"])}
+            if v.get("filter") not in (None, "*"):
+                rule["filter"] = v["filter"]
+            rules.append(rule)
+        return rules
+    return value
+
+
+def _params(params: dict | None) -> dict:
+    return {k: _setting(v) for k, v in (params or {}).items() if k not in _IGNORED}
+
+
+def from_mergekit(data: dict, origin: str = "mergekit config") -> Recipe:
+    method = data.get("merge_method")
+    if method not in SHARED_METHODS:
+        known = ", ".join(SHARED_METHODS)
+        if method in METHODS:
+            known = method
+        raise EvomergeError(f"{origin}: merge_method {method!r} is not one evomerge shares with mergekit; use one of: {known}")
+    base = _ref(data["base_model"], origin) if data.get("base_model") else None
+    if data.get("modules"):
+        raise EvomergeError(f"{origin}: 'modules' configs are not supported; use 'models:' (or one full-range slice)")
+    models = data.get("models")
+    if models is None and data.get("slices"):
+        slices = data["slices"]
+        if len(slices) != 1 or slices[0].get("parameters") or slices[0].get("base_model"):
+            raise EvomergeError(
+                f"{origin}: several slices stack layers (data-flow merging); evomerge merge takes one "
+                "full-range slice or the 'models:' form"
+            )
+        models = [{"model": s["model"], "parameters": s.get("parameters")} for s in slices[0]["sources"]]
+    if not models:
+        raise EvomergeError(f"{origin}: no 'models:' list")
+    for key in ("tokenizer", "chat_template"):
+        if data.get(key):
+            raise EvomergeError(f"{origin}: '{key}' is not supported; drop it and set tokenizer_source instead")
+    tok = data.get("tokenizer_source")
+    if tok == "union":
+        raise EvomergeError(f"{origin}: tokenizer_source 'union' is not supported; use 'base' or a model path")
+    sources = []
+    for i, m in enumerate(models):
+        ref = _ref(m.get("model"), f"{origin}: models[{i}]")
+        if base is not None and ref == base and method != "linear":
+            continue  # the base's own parameters are ignored by mergekit for these methods
+        sources.append({"model": ref, "parameters": _params(m.get("parameters"))})
+    recipe = {
+        "method": method,
+        "base": base,
+        "sources": sources,
+        "parameters": _params(data.get("parameters")),
+        "dtype": data.get("dtype") or "float32",
+        "out_dtype": data.get("out_dtype"),
+        "tokenizer_source": None if tok in (None, "base") else _ref(tok, origin),
+    }
+    return Recipe.from_dict(recipe, origin=origin)

@@ -1,0 +1,237 @@
+"""The Recipe: a plain, serializable description of one merge, and how its parameters resolve.
+
+    method: dare_ties
+    base: ./models/base
+    sources:
+      - model: ./models/math
+        parameters: {weight: 0.6, density: 0.5}
+      - model: ./models/code
+        parameters:
+          weight: [0.2, 0.8]            # a gradient over blocks (embeddings and head take the first value)
+          density:
+            - {family: attention, value: 0.4}
+            - {group: block.0, value: 0.9}
+            - {value: 0.6}              # rules are tried in order; the first match wins
+    parameters: {normalize: false}      # shared parameters, and defaults for per-source ones
+    seed: 0
+    dtype: float32                      # compute dtype
+    out_dtype: bfloat16                 # written dtype (defaults to dtype)
+
+A parameter value is a number, a list of numbers (a gradient across blocks: block i of L takes
+the list interpolated at i/(L-1); embeddings, final norm and head take position 0), or a list of
+rules, each with `value` and any of `group` (e.g. "embeddings", "block.3", "lm_head"),
+`family` ("attention", "mlp", "norm", "embedding", "head") and `filter` (a substring of the
+tensor name). A source's own setting beats the recipe-wide one, which beats the method default.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from evomerge.architecture import TensorRole
+from evomerge.errors import EvomergeError
+from evomerge.methods import MergeMethod, Param, get_method
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+_RULE_KEYS = {"value", "group", "family", "filter"}
+
+
+@dataclass
+class Source:
+    model: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Recipe:
+    method: str
+    sources: list[Source]
+    base: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    dtype: str = "float32"
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None  # a model path; defaults to the base (else the first source)
+
+    # -- serialization ------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {k: v for k, v in d.items() if v not in (None, {}, [])}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: dict, origin: str = "recipe") -> "Recipe":
+        if not isinstance(data, dict):
+            raise EvomergeError(f"{origin}: expected a mapping at the top level, got {type(data).__name__}")
+        known = {"method", "sources", "base", "parameters", "seed", "dtype", "out_dtype", "tokenizer_source"}
+        unknown = set(data) - known
+        if unknown:
+            raise EvomergeError(f"{origin}: unknown field(s) {sorted(unknown)}; allowed: {sorted(known)}")
+        if "method" not in data:
+            raise EvomergeError(f"{origin}: missing field 'method'")
+        sources = data.get("sources")
+        if not isinstance(sources, list) or not sources:
+            raise EvomergeError(f"{origin}: 'sources' must be a non-empty list of {{model: PATH, parameters: {{...}}}}")
+        parsed = []
+        for i, s in enumerate(sources):
+            if isinstance(s, str):
+                s = {"model": s}
+            if not isinstance(s, dict) or "model" not in s:
+                raise EvomergeError(f"{origin}: sources[{i}] needs a 'model' path")
+            extra = set(s) - {"model", "parameters"}
+            if extra:
+                raise EvomergeError(f"{origin}: sources[{i}] has unknown field(s) {sorted(extra)}; allowed: model, parameters")
+            parsed.append(Source(str(s["model"]), dict(s.get("parameters") or {})))
+        recipe = cls(
+            method=str(data["method"]),
+            sources=parsed,
+            base=str(data["base"]) if data.get("base") is not None else None,
+            parameters=dict(data.get("parameters") or {}),
+            seed=int(data.get("seed", 0)),
+            dtype=str(data.get("dtype", "float32")),
+            out_dtype=str(data["out_dtype"]) if data.get("out_dtype") else None,
+            tokenizer_source=str(data["tokenizer_source"]) if data.get("tokenizer_source") else None,
+        )
+        recipe.validate(origin)
+        return recipe
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        path = Path(path)
+        if not path.is_file():
+            raise EvomergeError(f"recipe file {path} does not exist")
+        text = path.read_text()
+        try:
+            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (yaml.YAMLError, json.JSONDecodeError) as exc:
+            raise EvomergeError(f"{path}: not valid YAML/JSON ({str(exc).splitlines()[0]})") from None
+        return cls.from_dict(data, origin=str(path))
+
+    # -- validation ---------------------------------------------------------------------------
+
+    @property
+    def merge_method(self) -> MergeMethod:
+        return get_method(self.method)
+
+    def validate(self, origin: str = "recipe") -> None:
+        method = self.merge_method
+        for key, val in (("dtype", self.dtype), ("out_dtype", self.out_dtype)):
+            if val is not None and val not in DTYPES:
+                raise EvomergeError(f"{origin}: {key} {val!r} is not supported; choose one of {list(DTYPES)}")
+        if method.needs_base and not self.base:
+            raise EvomergeError(f"{origin}: method {method.name!r} needs a 'base' model")
+        n = len(self.sources)
+        if n < method.min_sources or (method.max_sources is not None and n > method.max_sources):
+            want = f"exactly {method.min_sources}" if method.max_sources == method.min_sources else f"at least {method.min_sources}"
+            raise EvomergeError(f"{origin}: method {method.name!r} takes {want} source(s) besides the base, got {n}")
+        allowed_src = set(method.source_params)
+        allowed_shared = set(method.shared_params) | allowed_src
+        for key, setting in self.parameters.items():
+            if key not in allowed_shared:
+                raise EvomergeError(f"{origin}: parameter {key!r} does not apply to {method.name!r}; allowed: {sorted(allowed_shared)}")
+            _check_setting(setting, (method.shared_params | method.source_params)[key], f"{origin}: parameters.{key}")
+        for i, s in enumerate(self.sources):
+            for key, setting in s.parameters.items():
+                if key not in allowed_src:
+                    raise EvomergeError(
+                        f"{origin}: sources[{i}].parameters.{key} does not apply to {method.name!r}; "
+                        f"per-source parameters: {sorted(allowed_src) or 'none'}"
+                    )
+                _check_setting(setting, method.source_params[key], f"{origin}: sources[{i}].parameters.{key}")
+            for key, spec in method.source_params.items():
+                if spec.default is None and key not in s.parameters and key not in self.parameters:
+                    raise EvomergeError(f"{origin}: sources[{i}] ({s.model}) has no {key!r}; set it on the source or under parameters")
+        for key, spec in method.shared_params.items():
+            if spec.default is None and key not in self.parameters:
+                raise EvomergeError(f"{origin}: method {method.name!r} needs parameters.{key}")
+
+    # -- resolution ---------------------------------------------------------------------------
+
+    def resolve(self, role: TensorRole, name: str, num_blocks: int) -> tuple[dict, list[dict]]:
+        """(shared parameters, per-source parameters) for one tensor."""
+        method = self.merge_method
+        t = role.block / (num_blocks - 1) if role.block is not None and num_blocks > 1 else (1.0 if role.block is not None else 0.0)
+        shared = {k: _resolve([self.parameters], k, spec, role, name, t) for k, spec in method.shared_params.items()}
+        per_source = [
+            {k: _resolve([s.parameters, self.parameters], k, spec, role, name, t) for k, spec in method.source_params.items()}
+            for s in self.sources
+        ]
+        return shared, per_source
+
+
+def _is_scalar(v: Any) -> bool:
+    return isinstance(v, (int, float, bool)) and not isinstance(v, str)
+
+
+def _check_setting(setting: Any, spec: Param, where: str) -> None:
+    def check_scalar(v: Any) -> None:
+        if spec.kind is bool:
+            if not isinstance(v, bool):
+                raise EvomergeError(f"{where}: expected true or false, got {v!r}")
+            return
+        if not _is_scalar(v) or isinstance(v, bool):
+            raise EvomergeError(f"{where}: expected a number, got {v!r}")
+        if (spec.low is not None and v < spec.low) or (spec.high is not None and v > spec.high):
+            raise EvomergeError(f"{where}: {v} is out of range; allowed [{spec.low}, {spec.high}]")
+
+    if isinstance(setting, list):
+        if not setting:
+            raise EvomergeError(f"{where}: empty list; give a number, a gradient [a, b, ...] or rules")
+        if all(isinstance(r, dict) for r in setting):
+            for r in setting:
+                bad = set(r) - _RULE_KEYS
+                if bad or "value" not in r:
+                    raise EvomergeError(f"{where}: rule {r} needs 'value' and only {sorted(_RULE_KEYS)}")
+                _check_setting(r["value"], spec, where)
+            return
+        for v in setting:
+            check_scalar(v)
+        return
+    if isinstance(setting, dict):
+        _check_setting([setting], spec, where)
+        return
+    check_scalar(setting)
+
+
+def _evaluate(setting: Any, role: TensorRole, name: str, t: float) -> Any:
+    if isinstance(setting, dict):
+        setting = [setting]
+    if isinstance(setting, list):
+        if setting and all(isinstance(r, dict) for r in setting):
+            for r in setting:
+                if "group" in r and r["group"] != role.group:
+                    continue
+                if "family" in r and r["family"] != role.family:
+                    continue
+                if "filter" in r and r["filter"] not in ("*", None) and r["filter"] not in name:
+                    continue
+                return _evaluate(r["value"], role, name, t)
+            return None
+        if any(isinstance(v, bool) for v in setting):
+            return setting[int(t * (len(setting) - 1))]
+        scaled = t * (len(setting) - 1)
+        i0 = int(scaled)
+        i1 = min(len(setting) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * setting[i0] + frac * setting[i1]
+    return setting
+
+
+def _resolve(scopes: list[dict], key: str, spec: Param, role: TensorRole, name: str, t: float) -> Any:
+    for scope in scopes:
+        if key in scope:
+            value = _evaluate(scope[key], role, name, t)
+            if value is not None:
+                return value
+    if spec.default is None:
+        raise EvomergeError(f"parameter {key!r} has no value for tensor {name}; add a rule without a selector as a default")
+    return spec.default

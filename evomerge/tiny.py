@@ -1,0 +1,95 @@
+"""Tiny model families built locally (no hub): for tests, the benchmark and the demo.
+
+A family is a base model plus "experts" derived from it, all saved as real HF folders with
+safetensors weights, a config and a character-level tokenizer.
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+
+CHARS = string.digits + string.ascii_letters + string.punctuation + " \n"
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + list(CHARS))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def tiny_config(arch: str = "llama", hidden: int = 64, layers: int = 4, vocab: int | None = None,
+                intermediate: int | None = None, heads: int = 4, tie: bool = False):
+    from transformers import GPT2Config, LlamaConfig
+
+    vocab = vocab or len(SPECIALS) + len(CHARS)
+    if arch == "gpt2":
+        return GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, vocab_size=vocab, n_positions=256,
+                          bos_token_id=1, eos_token_id=2)
+    if arch == "llama":
+        return LlamaConfig(hidden_size=hidden, intermediate_size=intermediate or 2 * hidden, num_hidden_layers=layers,
+                           num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), vocab_size=vocab,
+                           max_position_embeddings=256, tie_word_embeddings=tie, pad_token_id=0, bos_token_id=1,
+                           eos_token_id=2)
+    raise ValueError(f"unknown tiny architecture {arch!r}; choose llama or gpt2")
+
+
+def save_model(model, folder: Path, tokenizer=None, shard_size: str | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    kwargs = {"max_shard_size": shard_size} if shard_size else {}
+    model.save_pretrained(folder, safe_serialization=True, **kwargs)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+def build_family(
+    root: str | Path,
+    n_experts: int = 3,
+    *,
+    arch: str = "llama",
+    hidden: int = 64,
+    layers: int = 4,
+    intermediate: int | None = None,
+    vocab: int | None = None,
+    noise: float = 0.02,
+    seed: int = 0,
+    shard_size: str | None = None,
+    tie: bool = False,
+) -> dict[str, Path]:
+    """A random base and `n_experts` perturbed copies ("fine-tunes"), saved under `root`.
+
+    Each expert moves a different random subset of its weights, as a fine-tune would, so task
+    vectors overlap partly and disagree in sign: the situation TIES and DARE are built for.
+    """
+    from transformers import AutoModelForCausalLM
+
+    root = Path(root)
+    torch.manual_seed(seed)
+    config = tiny_config(arch, hidden, layers, vocab, intermediate, tie=tie)
+    base = AutoModelForCausalLM.from_config(config)
+    tokenizer = char_tokenizer() if vocab is None else None
+    paths = {"base": save_model(base, root / "base", tokenizer, shard_size)}
+    state = base.state_dict()
+    gen = torch.Generator().manual_seed(seed + 1)
+    for e in range(n_experts):
+        expert = AutoModelForCausalLM.from_config(config)
+        new_state = {}
+        for name, t in state.items():
+            keep = torch.rand(t.shape, generator=gen) < 0.5
+            delta = torch.randn(t.shape, generator=gen) * noise * keep
+            new_state[name] = t + delta
+        expert.load_state_dict(new_state)
+        paths[f"expert{e}"] = save_model(expert, root / f"expert{e}", tokenizer, shard_size)
+    return paths

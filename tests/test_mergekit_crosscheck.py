@@ -1,0 +1,160 @@
+"""evomerge merge vs mergekit 0.1.5's own output on the same tiny folders (float32, within 1e-5).
+
+DARE drops elements at random and the two tools draw different random numbers, so for
+dare_ties / dare_linear the check is on the expectation instead: with density 1 they must agree
+exactly, and with density < 1 the mean of many evomerge seeds must approach mergekit's
+undropped result (dare_linear), and the kept fraction must match the density.
+"""
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from evomerge.checkpoint import Checkpoint
+from evomerge.merge import load_recipe, merge_to_disk
+
+mergekit = pytest.importorskip("mergekit")
+
+
+def run_mergekit(config: dict, out):
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    run_merge(MergeConfiguration.model_validate(config), str(out),
+              MergeOptions(copy_tokenizer=False, write_model_card=False, lazy_unpickle=False, quiet=True,
+                           random_seed=0))
+    return Checkpoint(out)
+
+
+def run_evomerge(config: dict, tmp_path, name="evo"):
+    cfg = tmp_path / f"{name}.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    out = tmp_path / name
+    merge_to_disk(load_recipe(cfg), out)
+    return Checkpoint(out)
+
+
+def assert_same(a: Checkpoint, b: Checkpoint, atol=1e-5):
+    assert sorted(a.names()) == sorted(b.names())
+    for n in a.names():
+        x, y = a.get(n), b.get(n)
+        assert x.shape == y.shape, n
+        assert torch.allclose(x, y, atol=atol, rtol=0), f"{n}: max diff {(x - y).abs().max().item()}"
+
+
+def _cfg(fam, method, params_per_model, global_params=None, base=True):
+    models = [{"model": str(fam[f"expert{i}"]), "parameters": p} for i, p in enumerate(params_per_model)]
+    cfg = {"merge_method": method, "models": models, "dtype": "float32"}
+    if base:
+        cfg["base_model"] = str(fam["base"])
+    if global_params:
+        cfg["parameters"] = global_params
+    return cfg
+
+
+CASES = {
+    "linear": lambda f: _cfg(f, "linear", [{"weight": 0.2}, {"weight": 0.5}, {"weight": 0.3}], base=False),
+    "linear_gradient_filter": lambda f: _cfg(
+        f, "linear",
+        [{"weight": [0.1, 0.9]}, {"weight": [{"filter": "self_attn", "value": 0.7}, {"value": 0.2}]}, {"weight": 0.4}],
+        base=False),
+    "task_arithmetic": lambda f: _cfg(f, "task_arithmetic", [{"weight": 0.6}, {"weight": -0.3}, {"weight": 1.1}]),
+    "ties": lambda f: _cfg(f, "ties", [{"weight": 0.7, "density": 0.3}, {"weight": 0.5, "density": 0.6},
+                                       {"weight": 0.9, "density": 0.45}]),
+    "ties_gradient_filter": lambda f: _cfg(
+        f, "ties",
+        [{"weight": [0.2, 1.0, 0.4], "density": [{"filter": "mlp", "value": 0.2}, {"filter": "self_attn", "value": [0.3, 0.8]}, {"value": 0.5}]},
+         {"weight": 0.5, "density": 0.6},
+         {"weight": [{"filter": "mlp", "value": 0.3}, {"value": [1.0, 0.1]}], "density": 0.45}],
+        {"normalize": False, "lambda": 0.8}),
+    "ties_rescale": lambda f: _cfg(f, "ties", [{"weight": 0.7, "density": 0.3}, {"weight": 0.5, "density": 0.6}, {"weight": 0.2, "density": 0.9}],
+                                   {"rescale": True}),
+    "breadcrumbs": lambda f: _cfg(f, "breadcrumbs", [{"weight": 0.7, "density": 0.8, "gamma": 0.05},
+                                                     {"weight": 0.5, "density": 0.6, "gamma": 0.1}, {"weight": 0.3, "density": 0.9}]),
+    "breadcrumbs_ties": lambda f: _cfg(f, "breadcrumbs_ties", [{"weight": [0.7, 0.1], "density": 0.8, "gamma": 0.05},
+                                                               {"weight": 0.5, "density": 0.6}, {"weight": 0.3, "density": 0.7}],
+                                       {"gamma": 0.02}),
+    "dare_ties_density1": lambda f: _cfg(f, "dare_ties", [{"weight": 0.7, "density": 1.0}, {"weight": 0.4, "density": 1.0},
+                                                          {"weight": 0.5, "density": 1.0}]),
+    "dare_linear_density1": lambda f: _cfg(f, "dare_linear", [{"weight": 0.7, "density": 1.0}, {"weight": [0.4, 0.9], "density": 1.0},
+                                                              {"weight": 0.5, "density": 1.0}]),
+    "model_stock": lambda f: _cfg(f, "model_stock", [{}, {}, {}]),
+    "model_stock_filter_wise": lambda f: _cfg(f, "model_stock", [{}, {}, {}], {"filter_wise": True}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_mergekit(case, llama_family, tmp_path):
+    cfg = CASES[case](llama_family)
+    assert_same(run_evomerge(cfg, tmp_path), run_mergekit(cfg, tmp_path / "mk"))
+
+
+@pytest.mark.parametrize("t", [0.3, [0.0, 0.5, 1.0], [{"filter": "self_attn", "value": [0.2, 0.9]}, {"value": 0.6}]])
+def test_slerp_matches_mergekit(t, llama_family, tmp_path):
+    fam = llama_family
+    cfg = {"merge_method": "slerp", "base_model": str(fam["base"]), "dtype": "float32",
+           "models": [{"model": str(fam["base"])}, {"model": str(fam["expert1"])}], "parameters": {"t": t}}
+    assert_same(run_evomerge(cfg, tmp_path), run_mergekit(cfg, tmp_path / "mk"))
+
+
+def test_gpt2_ties_matches_mergekit(gpt2_family, tmp_path):
+    fam = gpt2_family
+    cfg = {"merge_method": "ties", "base_model": str(fam["base"]), "dtype": "float32",
+           "models": [{"model": str(fam["expert0"]), "parameters": {"weight": [1.0, 0.2], "density": 0.5}},
+                      {"model": str(fam["expert1"]), "parameters": {"weight": 0.6, "density": [{"filter": "mlp", "value": 0.3}, {"value": 0.7}]}}]}
+    assert_same(run_evomerge(cfg, tmp_path), run_mergekit(cfg, tmp_path / "mk"))
+
+
+def test_dare_linear_expectation_matches_undropped_mergekit(llama_family, tmp_path):
+    """E[DARE(delta)] = delta: the mean over many evomerge seeds approaches mergekit's density-1 merge."""
+    from evomerge.bank import SourceBank
+    from evomerge.mergekit_compat import from_mergekit
+
+    params = [{"weight": 0.7, "density": 0.5}, {"weight": 0.4, "density": 0.3}, {"weight": 0.5, "density": 0.8}]
+    undropped = [{**p, "density": 1.0} for p in params]
+    reference = run_mergekit(_cfg(llama_family, "dare_linear", undropped), tmp_path / "mk")  # the expectation
+    dropped = _cfg(llama_family, "dare_linear", params)
+    mk_dropped = run_mergekit(dropped, tmp_path / "mk_dare")
+    recipe = from_mergekit(dropped)
+    bank = SourceBank([s.model for s in recipe.sources], recipe.base)
+    name = "model.layers.1.mlp.down_proj.weight"
+    runs = 400
+    total = torch.zeros_like(bank.tensors[name].reference, dtype=torch.float64)
+    target = bank.new_target()
+    base = Checkpoint(llama_family["base"]).get(name)
+    expected = reference.get(name).double()
+    errors = {}
+    for seed in range(runs):
+        recipe.seed = seed
+        bank.materialize(recipe, target)
+        total += target[name]
+        if seed + 1 in (runs // 4, runs):
+            mean = total / (seed + 1)
+            errors[seed + 1] = ((mean - expected).abs().mean() / (expected - base).abs().mean()).item()
+    # Unbiased: the error is pure sampling noise, so 4x the draws halves it (a bias would not shrink).
+    assert errors[runs] < 0.2, errors
+    assert errors[runs] < 0.65 * errors[runs // 4], errors
+    # mergekit's own single DARE draw keeps a similar fraction of each delta (rescaled differently).
+    ours_one = (target[name] - base).abs().mean() / (expected - base).abs().mean()
+    theirs_one = (mk_dropped.get(name) - base).abs().mean() / (expected - base).abs().mean()
+    assert abs(ours_one - theirs_one) < 0.15
+
+
+def test_dare_ties_keeps_density_fraction(llama_family):
+    from evomerge.bank import SourceBank
+    from evomerge.recipe import Recipe
+
+    fam = llama_family
+    recipe = Recipe.from_dict({"method": "dare_ties", "base": str(fam["base"]), "parameters": {"rescale": False},
+                               "sources": [{"model": str(fam["expert0"]), "parameters": {"weight": 1.0, "density": 0.3}}]})
+    bank = SourceBank([str(fam["expert0"])], str(fam["base"]))
+    out = bank.materialize(recipe)
+    name = "model.layers.2.mlp.up_proj.weight"
+    bt = bank.tensors[name]
+    changed = (out[name] != bt.reference)
+    moved = bt.deltas[0] != 0
+    frac = (changed & moved).sum() / moved.sum()
+    assert abs(frac.item() - 0.3) < 0.02
+    # Without rescale, a survivor is exactly the source's value.
+    assert torch.equal(out[name][changed], (bt.reference + bt.deltas[0])[changed])
