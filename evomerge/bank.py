@@ -19,6 +19,7 @@ import torch
 from evomerge.architecture import TensorRole, classify, count_blocks
 from evomerge.checkpoint import Checkpoint
 from evomerge.errors import EvomergeError
+from evomerge.kernels import compiled_masked_combine, mark_broken
 from evomerge.methods import (
     Keep,
     MergeMethod,
@@ -33,7 +34,11 @@ from evomerge.methods import (
 )
 from evomerge.recipe import DTYPES, Recipe
 
-CHUNK_ELEMENTS = 1 << 18  # ~1 MiB of float32 per operand: the working set stays in cache
+# Chunks keep the working set of a tensor's many operands in CPU cache between passes.
+EAGER_CHUNK = 1 << 18
+FUSED_CHUNK = 1 << 20
+AUTO_COMPILE_PARAMS = 20_000_000  # below this, compiling (~30 s once) costs more than it saves
+FIELD_ALL = (-(1 << 15), 1 << 15)
 
 
 @dataclass
@@ -56,7 +61,9 @@ class SourceBank:
         device: str | torch.device = "cpu",
         allow_pickle: bool = False,
         progress: bool = False,
+        compile: bool | None = None,
     ):
+        """`compile`: fuse sparsified merges with torch.compile (None: when the model is large)."""
         self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         self.device = torch.device(device)
         self.sources = list(dict.fromkeys(str(s) for s in sources))
@@ -72,6 +79,7 @@ class SourceBank:
         self.tensors: dict[str, BankTensor] = {}
         self._aids: dict[tuple, torch.Tensor] = {}
         self._stats: dict[tuple, object] = {}
+        self._check_compatible(reference_ref, ref_ckpt, source_ckpts)
         it = names
         if progress:
             from tqdm import tqdm
@@ -80,30 +88,40 @@ class SourceBank:
         for name in it:
             ref = ref_ckpt.get(name, self.dtype, self.device)
             deltas: list[torch.Tensor | None] = []
-            for ref_name, ck in zip(self.sources, source_ckpts):
+            for ck in source_ckpts:
                 if ck.path == self.reference_path:
                     deltas.append(None)
-                    continue
-                if name not in ck:
+                else:
+                    deltas.append(ck.get(name, self.dtype, self.device).sub_(ref))
+            self.tensors[name] = BankTensor(name, classify(name, self.model_type), ref, deltas)
+        self.num_params = sum(bt.reference.numel() for bt in self.tensors.values())
+        self.compile = compile if compile is not None else self.num_params >= AUTO_COMPILE_PARAMS
+
+    def _check_compatible(self, reference_ref: str, ref_ckpt: Checkpoint, source_ckpts: list[Checkpoint]) -> None:
+        """Fail before reading any weights: every source must have the reference's tensors and shapes."""
+        ref_shapes = ref_ckpt.shapes()
+        for src, ck in zip(self.sources, source_ckpts):
+            shapes = ck.shapes()
+            for name, shape in ref_shapes.items():
+                if name not in shapes:
                     raise EvomergeError(
-                        f"tensor {name!r} is in {reference_ref} but missing from source {ref_name}; "
+                        f"tensor {name!r} is in {reference_ref} but missing from source {src}; "
                         "all sources must share the base's architecture"
                     )
-                t = ck.get(name, self.dtype, self.device)
-                if t.shape != ref.shape:
-                    role = classify(name, self.model_type)
-                    if role.family in ("embedding", "head") and t.shape[1:] == ref.shape[1:]:
-                        raise EvomergeError(
-                            f"vocabulary size mismatch in {name}: {ref_name} has {t.shape[0]} rows, "
-                            f"{reference_ref} has {ref.shape[0]}; resize the source's embeddings to the base "
-                            "tokenizer (model.resize_token_embeddings) or merge models that share a tokenizer"
-                        )
+                other = shapes[name]
+                if other == shape:
+                    continue
+                role = classify(name, self.model_type)
+                if role.family in ("embedding", "head") and other[1:] == shape[1:]:
                     raise EvomergeError(
-                        f"shape mismatch in {name}: {ref_name} has {tuple(t.shape)}, {reference_ref} has "
-                        f"{tuple(ref.shape)}; sources must share the base's architecture and sizes"
+                        f"vocabulary size mismatch in {name}: {src} has {other[0]} rows, {reference_ref} has "
+                        f"{shape[0]}; resize the source's embeddings to the base tokenizer "
+                        "(model.resize_token_embeddings) or merge models that share a tokenizer"
                     )
-                deltas.append(t.sub_(ref))
-            self.tensors[name] = BankTensor(name, classify(name, self.model_type), ref, deltas)
+                raise EvomergeError(
+                    f"shape mismatch in {name}: {src} has {other}, {reference_ref} has {shape}; "
+                    "sources must share the base's architecture and sizes"
+                )
 
     # -- cached per-source facts --------------------------------------------------------------
 
@@ -228,21 +246,24 @@ class SourceBank:
                 Keep(k.kind, k.lo, k.hi, l1_rescale_factor(d, k, a)) if d is not None else k
                 for k, d, a in zip(keeps, deltas, aids)
             ]
-        ref = bt.reference
-        # Chunks along the first axis keep per-row coefficients (Model Stock filter-wise) aligned.
-        rows = ref.shape[0] if ref.dim() > 0 else 1
-        row_elems = max(1, n // max(rows, 1))
-        step = max(1, CHUNK_ELEMENTS // row_elems)
-        if ref.dim() == 0:
-            spans = [slice(None)]
-        else:
-            spans = [slice(s, min(rows, s + step)) for s in range(0, rows, step)]
-        for sl in spans:
-            coefs = [c[sl] if isinstance(c, torch.Tensor) else c for c in plan.coefficients]
+        if self._fused(method, bt, idx, plan, keeps, recipe.seed, dest):
+            return
+        self._eager(bt, plan, keeps, deltas, aids, dest)
+
+    def _spans(self, ref: torch.Tensor, chunk: int) -> list[slice]:
+        """Row ranges of about `chunk` elements; rows stay whole so per-row coefficients align."""
+        if ref.dim() == 0 or self.device.type != "cpu":
+            return [slice(None)]
+        rows = ref.shape[0]
+        step = max(1, chunk // max(1, ref.numel() // max(rows, 1)))
+        return [slice(s, min(rows, s + step)) for s in range(0, rows, step)]
+
+    def _eager(self, bt, plan, keeps, deltas, aids, dest) -> None:
+        for sl in self._spans(bt.reference, EAGER_CHUNK):
             combine(
-                ref[sl],
+                bt.reference[sl],
                 [d[sl] if d is not None else None for d in deltas],
-                coefs,
+                [c[sl] if isinstance(c, torch.Tensor) else c for c in plan.coefficients],
                 keeps,
                 [a[sl] if a is not None else None for a in aids],
                 ref_coefficient=plan.ref_coefficient,
@@ -252,6 +273,48 @@ class SourceBank:
                 lam=plan.lam,
                 out=dest[sl],
             )
+
+    def _fused(self, method, bt, idx, plan, keeps, seed, dest) -> bool:
+        """Run a sparsified merge through the compiled kernel; False when it does not apply."""
+        if not self.compile or method.sparsify is None or plan.ref_coefficient != 1.0:
+            return False
+        if any(bt.deltas[i] is None for i in idx) or any(isinstance(c, torch.Tensor) for c in plan.coefficients):
+            return False
+        kernel = compiled_masked_combine()
+        if kernel is None:
+            return False
+        n = bt.reference.numel()
+        aids, lo, hi = [], [], []
+        for i, keep in zip(idx, keeps):
+            if method.sparsify == "random":
+                aids.append(self._field(bt, i, seed))
+                bounds = {"all": FIELD_ALL, "none": (FIELD_ALL[0], FIELD_ALL[0])}.get(keep.kind, (FIELD_ALL[0], keep.hi))
+            else:
+                aids.append(self._rank(bt, i))
+                bounds = {"all": (0, n), "none": (0, 0)}.get(keep.kind, (keep.lo, keep.hi))
+            lo.append(bounds[0])
+            hi.append(bounds[1])
+        dev = self.device
+        weights = plan.weights or [float(c) for c in plan.coefficients]
+        total = float(sum(weights))
+        args = dict(
+            lo=torch.tensor(lo, dtype=torch.int64, device=dev),
+            hi=torch.tensor(hi, dtype=torch.int64, device=dev),
+            coef=torch.tensor([float(c) * k.scale for c, k in zip(plan.coefficients, keeps)], device=dev),
+            weights=torch.tensor(weights, device=dev),
+            lam=torch.tensor(float(plan.lam), device=dev),
+            weight_sum=torch.tensor(total if abs(total) >= 1e-8 else 1.0, device=dev),
+            consensus=plan.consensus,
+            normalize=plan.normalize,
+        )
+        deltas = [bt.deltas[i] for i in idx]
+        try:
+            for sl in self._spans(bt.reference, FUSED_CHUNK):
+                kernel(bt.reference[sl], [d[sl] for d in deltas], [a[sl] for a in aids], out=dest[sl], **args)
+        except Exception as exc:  # no compiler / backend here: remember, and use eager from now on
+            mark_broken(exc)
+            return False
+        return True
 
     def memory_bytes(self) -> int:
         total = 0

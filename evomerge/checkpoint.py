@@ -134,11 +134,22 @@ class Checkpoint:
         return name in self._where
 
     def shape(self, name: str) -> tuple[int, ...]:
-        file = self._file(name)
-        if self._pickle:
-            return tuple(self._load_pickle(file)[name].shape)
-        with safe_open(file, framework="pt") as f:
-            return tuple(f.get_slice(name).get_shape())
+        self._file(name)
+        return self.shapes()[name]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, from the file headers alone (no tensor data is read)."""
+        if getattr(self, "_shapes", None) is None:
+            shapes: dict[str, tuple[int, ...]] = {}
+            for file in dict.fromkeys(self._where.values()):
+                if self._pickle:
+                    shapes.update({k: tuple(v.shape) for k, v in self._load_pickle(file).items()})
+                    continue
+                with safe_open(file, framework="pt") as f:
+                    for k in f.keys():
+                        shapes[k] = tuple(f.get_slice(k).get_shape())
+            self._shapes = shapes
+        return self._shapes
 
     def _file(self, name: str) -> Path:
         try:

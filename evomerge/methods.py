@@ -46,13 +46,14 @@ def tensor_seed(seed: int, source: str, tensor: str) -> int:
 
 
 def drop_field(shape: torch.Size | tuple[int, ...], seed: int) -> torch.Tensor:
-    """Uniform int16 noise (one value per element) from a CPU generator, so CPU and CUDA agree.
+    """Uniform noise in [-2^15, 2^15) (one value per element) from a CPU generator, so CPU and
+    CUDA agree. Stored as int32: compiled kernels vectorize int32 loads, not int16 ones.
 
     DARE keeps element j when field[j] < threshold(density); one field serves every density,
     and the kept sets are nested: raising the density only adds elements.
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.randint(-(FIELD_LEVELS // 2), FIELD_LEVELS // 2, tuple(shape), generator=gen, dtype=torch.int16)
+    return torch.randint(-(FIELD_LEVELS // 2), FIELD_LEVELS // 2, tuple(shape), generator=gen, dtype=torch.int32)
 
 
 # ---------------------------------------------------------------------------------------------

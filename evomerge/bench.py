@@ -1,0 +1,168 @@
+"""Benchmarks. `python -m evomerge.bench materialize --json`
+
+materialize: for one family of local models (built once and cached), measures
+  (a) the bound: torch clone of (sources + 1) x model bytes, what any merge must at least read;
+  (b) evomerge's in-memory materialization per candidate for linear, ties and dare_ties;
+  (c) mergekit's run_merge of the same recipe on the same folders (when mergekit is installed);
+and prints them, then one JSON line with ratio_to_bound (worst b/a) and speedup_vs_mergekit (c/b).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _family(cache: Path, hidden: int, layers: int, intermediate: int, vocab: int, n: int) -> dict[str, Path]:
+    from evomerge.tiny import build_family
+
+    key = cache / f"llama-h{hidden}-l{layers}-i{intermediate}-v{vocab}-n{n}"
+    done = key / "done"
+    if not done.exists():
+        shutil.rmtree(key, ignore_errors=True)
+        build_family(key, n, hidden=hidden, layers=layers, intermediate=intermediate, vocab=vocab, seed=0)
+        done.write_text("ok")
+    return {p.name: p for p in key.iterdir() if p.is_dir()}
+
+
+def _recipe(method: str, fam: dict[str, Path], n: int):
+    from evomerge.recipe import Recipe
+
+    params = {"linear": {}, "ties": {"density": 0.5}, "dare_ties": {"density": 0.5}}[method]
+    sources = [{"model": str(fam[f"expert{i}"]), "parameters": {"weight": 0.3 + 0.1 * i, **params}} for i in range(n)]
+    data = {"method": method, "sources": sources, "base": str(fam["base"]) if method != "linear" else None}
+    return Recipe.from_dict({k: v for k, v in data.items() if v is not None})
+
+
+def _mergekit_config(method: str, fam: dict[str, Path], n: int) -> dict:
+    recipe = _recipe(method, fam, n)
+    cfg = {"merge_method": method, "dtype": "float32",
+           "models": [{"model": s.model, "parameters": s.parameters} for s in recipe.sources]}
+    if recipe.base:
+        cfg["base_model"] = recipe.base
+    return cfg
+
+
+def _time(fn, repeats: int, best: bool = False) -> float:
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return min(times) if best else statistics.median(times)
+
+
+def bench_materialize(args: argparse.Namespace) -> dict:
+    from evomerge.bank import SourceBank
+
+    torch.set_num_threads(args.threads)
+    cache = Path(args.cache)
+    fam = _family(cache, args.hidden, args.layers, args.intermediate, args.vocab, args.sources)
+    methods = args.methods.split(",")
+    experts = [str(fam[f"expert{i}"]) for i in range(args.sources)]
+    t0 = time.perf_counter()
+    bank = SourceBank(experts, str(fam["base"]), device=args.device)
+    load_s = time.perf_counter() - t0
+    params = sum(bt.reference.numel() for bt in bank.tensors.values())
+    model_bytes = params * 4
+
+    # (a) the bound: a clone of every byte a candidate must read (base + each source).
+    tensors = [bt.reference for bt in bank.tensors.values()] + [
+        d for bt in bank.tensors.values() for d in bt.deltas if d is not None
+    ]
+    # The bound's best run (allocator warm) against our median: the comparison favours the bound.
+    bound = _time(lambda: [t.clone() for t in tensors], args.repeats, best=True)
+
+    results, first = {}, {}
+    target = bank.new_target()
+    for method in methods:
+        recipe = _recipe(method, fam, args.sources)
+        start = time.perf_counter()
+        bank.materialize(recipe, target)  # first use builds the cached ranks / drop fields, compiles
+        first[method] = time.perf_counter() - start
+        results[method] = _time(lambda: bank.materialize(recipe, target), args.repeats)
+
+    mergekit_s = {}
+    if not args.no_mergekit:
+        try:
+            from mergekit.config import MergeConfiguration
+            from mergekit.merge import MergeOptions, run_merge
+        except ImportError:
+            print("mergekit not installed: skipping (c); pip install mergekit==0.1.5", file=sys.stderr)
+        else:
+            for method in methods:
+                cfg = MergeConfiguration.model_validate(_mergekit_config(method, fam, args.sources))
+                out = Path(tempfile.mkdtemp(prefix="mk-bench-"))
+                opts = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, random_seed=0,
+                                    device=args.device, num_threads=args.threads)
+                mergekit_s[method] = _time(lambda: run_merge(cfg, str(out), opts), args.mergekit_repeats)
+                shutil.rmtree(out, ignore_errors=True)
+
+    print(f"model: {params / 1e6:.1f}M params/float32 ({model_bytes / 2**20:.0f} MiB), {args.sources} sources + base, "
+          f"device {args.device}, {args.threads} threads; bank load {load_s:.1f}s, resident {bank.memory_bytes() / 2**30:.2f} GiB")
+    print(f"(a) bound: clone of {args.sources + 1} x model bytes: {bound * 1e3:.0f} ms")
+    for method in methods:
+        line = (f"(b) evomerge {method:10s}: {results[method] * 1e3:7.0f} ms/candidate  ({results[method] / bound:.2f}x bound; "
+                f"first candidate {first[method]:.1f} s)")
+        if method in mergekit_s:
+            line += f"   (c) mergekit run_merge: {mergekit_s[method]:.1f} s  ({mergekit_s[method] / results[method]:.0f}x slower)"
+        print(line)
+    summary = {
+        "params": params,
+        "sources": args.sources,
+        "device": args.device,
+        "bound_s": round(bound, 4),
+        "materialize_s": {m: round(v, 4) for m, v in results.items()},
+        "first_candidate_s": {m: round(v, 2) for m, v in first.items()},
+        "bank_load_s": round(load_s, 2),
+        "ratio_to_bound": round(max(v / bound for v in results.values()), 3),
+    }
+    if mergekit_s:
+        summary["mergekit_s"] = {m: round(v, 3) for m, v in mergekit_s.items()}
+        summary["speedup_vs_mergekit"] = round(min(mergekit_s[m] / results[m] for m in mergekit_s), 1)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m evomerge.bench")
+    sub = parser.add_subparsers(dest="what", required=True)
+    m = sub.add_parser("materialize", help="in-memory materialization vs the memory bound and mergekit")
+    # Defaults: three ~134M-parameter float32 sources, sized for a 2-core, 24 GiB machine.
+    m.add_argument("--hidden", type=int, default=768)
+    m.add_argument("--layers", type=int, default=12)
+    m.add_argument("--intermediate", type=int, default=2048)
+    m.add_argument("--vocab", type=int, default=32000)
+    m.add_argument("--sources", type=int, default=3)
+    m.add_argument("--methods", default="linear,ties,dare_ties")
+    m.add_argument("--device", default="cpu")
+    m.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    m.add_argument("--repeats", type=int, default=5)
+    m.add_argument("--mergekit-repeats", type=int, default=1)
+    m.add_argument("--no-mergekit", action="store_true")
+    m.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "evomerge-bench"))
+    m.add_argument("--json", action="store_true", help="end with one JSON line")
+    args = parser.parse_args(argv)
+    summary = bench_materialize(args)
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
