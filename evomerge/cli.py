@@ -19,6 +19,14 @@ def _merge(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def _tiny(args: argparse.Namespace) -> None:
+    from evomerge.tiny import build_family
+
+    paths = build_family(args.out_dir, args.experts, arch=args.arch, hidden=args.hidden, layers=args.layers, seed=args.seed)
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evomerge", description="Evolutionary model-merge search.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -31,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.set_defaults(func=_merge)
+    t = sub.add_parser("tiny", help="build a tiny local model family (a base and perturbed experts) to try merges on")
+    t.add_argument("out_dir")
+    t.add_argument("--experts", type=int, default=3)
+    t.add_argument("--arch", default="llama", choices=["llama", "gpt2"])
+    t.add_argument("--hidden", type=int, default=64)
+    t.add_argument("--layers", type=int, default=4)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=_tiny)
     return parser
 
 
