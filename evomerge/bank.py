@@ -21,15 +21,14 @@ from evomerge.checkpoint import Checkpoint
 from evomerge.errors import EvomergeError
 from evomerge.kernels import compiled_masked_combine, mark_broken
 from evomerge.methods import (
-    Keep,
     MergeMethod,
     combine,
     drop_field,
-    l1_rescale_factor,
     magnitude_rank,
-    model_stock_ratio,
     pairwise_cosines,
     plan_tensor,
+    ratio_stat,
+    rescaled_keeps,
     tensor_seed,
 )
 from evomerge.recipe import DTYPES, Recipe
@@ -227,8 +226,7 @@ class SourceBank:
             stats["slerp"] = self._slerp_stats(bt, idx[0])
         if "cosine" in method.aids:
             rowwise = bool(shared.get("filter_wise")) and bt.reference.dim() > 1
-            ratio = model_stock_ratio(self._cosines(bt, tuple(idx), rowwise), len(idx))
-            stats["ratio"] = ratio.reshape(-1, *([1] * (bt.reference.dim() - 1))) if rowwise else float(ratio)
+            stats["ratio"] = ratio_stat(self._cosines(bt, tuple(idx), rowwise), len(idx), bt.reference.shape)
         n = bt.reference.numel()
         plan = plan_tensor(method, n, shared, per_source, stats)
         deltas = [bt.deltas[i] for i in idx]
@@ -240,12 +238,7 @@ class SourceBank:
                 aids[j] = self._rank(bt, i)
             elif keep.kind == "field":
                 aids[j] = self._field(bt, i, recipe.seed)
-        keeps = plan.keeps
-        if plan.l1_rescale:
-            keeps = [
-                Keep(k.kind, k.lo, k.hi, l1_rescale_factor(d, k, a)) if d is not None else k
-                for k, d, a in zip(keeps, deltas, aids)
-            ]
+        keeps = rescaled_keeps(plan, deltas, aids)
         if self._fused(method, bt, idx, plan, keeps, recipe.seed, dest):
             return
         self._eager(bt, plan, keeps, deltas, aids, dest)

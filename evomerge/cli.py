@@ -9,9 +9,10 @@ from evomerge.errors import EvomergeError
 
 
 def _merge(args: argparse.Namespace) -> None:
-    from evomerge.merge import load_recipe, merge_to_disk
+    from evomerge.merge import merge_to_disk
+    from evomerge.recipe import Recipe
 
-    recipe = load_recipe(args.recipe)
+    recipe = Recipe.load(args.recipe)
     out = merge_to_disk(
         recipe, args.out_dir, device=args.device, shard_size=args.shard_size,
         allow_pickle=args.allow_pickle, overwrite=args.overwrite, progress=not args.quiet,

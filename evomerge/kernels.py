@@ -68,7 +68,7 @@ _broken = False
 
 def compiled_masked_combine():
     """The compiled kernel, or None when compilation is disabled or unavailable here."""
-    global _compiled, _broken
+    global _compiled
     if _broken or os.environ.get("EVOMERGE_COMPILE", "1") == "0":
         return None
     if _compiled is None:

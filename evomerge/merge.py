@@ -2,30 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-
-import yaml
 
 from evomerge.bank import SourceBank
 from evomerge.checkpoint import resolve_model_path, write_model
-from evomerge.errors import EvomergeError
-from evomerge.mergekit_compat import from_mergekit, is_mergekit_config
 from evomerge.recipe import Recipe
-
-
-def load_recipe(path: str | Path) -> Recipe:
-    """An evomerge recipe or a mergekit config, told apart by mergekit's `merge_method` key."""
-    path = Path(path)
-    if not path.is_file():
-        raise EvomergeError(f"recipe file {path} does not exist")
-    try:
-        data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        raise EvomergeError(f"{path}: not valid YAML/JSON ({str(exc).splitlines()[0]})") from None
-    if is_mergekit_config(data):
-        return from_mergekit(data, origin=str(path))
-    return Recipe.from_dict(data, origin=str(path))
 
 
 def output_config(bank: SourceBank, out_dtype: str) -> dict:

@@ -375,6 +375,24 @@ def plan_tensor(
     )
 
 
+def ratio_stat(cos_pairs: torch.Tensor, count: int, shape: torch.Size) -> float | torch.Tensor:
+    """Model Stock's ratio as `plan_tensor` wants it: a float, or a column for per-row (filter-wise) cosines."""
+    ratio = model_stock_ratio(cos_pairs, count)
+    if ratio.numel() == 1:
+        return float(ratio)
+    return ratio.reshape(-1, *([1] * (len(shape) - 1)))
+
+
+def rescaled_keeps(plan: TensorPlan, deltas: list[torch.Tensor | None], aids: list[torch.Tensor | None]) -> list[Keep]:
+    """The plan's keeps, with the L1-restoring factor filled in where the method asks for it."""
+    if not plan.l1_rescale:
+        return plan.keeps
+    return [
+        Keep(k.kind, k.lo, k.hi, l1_rescale_factor(d, k, a)) if d is not None else k
+        for k, d, a in zip(plan.keeps, deltas, aids)
+    ]
+
+
 def l1_rescale_factor(delta: torch.Tensor, keep: Keep, aid: torch.Tensor | None) -> float:
     """Factor that restores a sparsified delta's L1 norm (magnitude sparsifiers with rescale)."""
     if keep.kind in ("all", "none"):
@@ -413,14 +431,10 @@ def merge_tensor(
         stats["slerp"] = (ref.norm(), sources[0].to(work).norm(), (ref * sources[0].to(work)).sum())
     if "cosine" in method.aids:
         rowwise = bool(shared.get("filter_wise")) and ref.dim() > 1
-        ratio = model_stock_ratio(pairwise_cosines(deltas, rowwise), len(deltas))
-        stats["ratio"] = ratio.reshape(-1, *([1] * (ref.dim() - 1))) if rowwise else float(ratio)
+        stats["ratio"] = ratio_stat(pairwise_cosines(deltas, rowwise), len(deltas), ref.shape)
     plan = plan_tensor(method, ref.numel(), shared, per_source, stats)
-    keeps = plan.keeps
-    if plan.l1_rescale:
-        keeps = [Keep(k.kind, k.lo, k.hi, l1_rescale_factor(d, k, a)) for k, d, a in zip(keeps, deltas, aids)]
     return combine(
-        ref, deltas, plan.coefficients, keeps, aids,
+        ref, deltas, plan.coefficients, rescaled_keeps(plan, deltas, aids), aids,
         ref_coefficient=plan.ref_coefficient, consensus=plan.consensus,
         normalize=plan.normalize, weights=plan.weights, lam=plan.lam,
     ).to(reference.dtype)

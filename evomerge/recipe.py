@@ -106,6 +106,9 @@ class Recipe:
 
     @classmethod
     def load(cls, path: str | Path) -> "Recipe":
+        """An evomerge recipe, or a mergekit config (told apart by mergekit's `merge_method` key)."""
+        from evomerge.mergekit_compat import from_mergekit, is_mergekit_config
+
         path = Path(path)
         if not path.is_file():
             raise EvomergeError(f"recipe file {path} does not exist")
@@ -114,6 +117,8 @@ class Recipe:
             data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
         except (yaml.YAMLError, json.JSONDecodeError) as exc:
             raise EvomergeError(f"{path}: not valid YAML/JSON ({str(exc).splitlines()[0]})") from None
+        if is_mergekit_config(data):
+            return from_mergekit(data, origin=str(path))
         return cls.from_dict(data, origin=str(path))
 
     # -- validation ---------------------------------------------------------------------------

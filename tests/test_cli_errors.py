@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evomerge.checkpoint import Checkpoint
@@ -137,3 +137,15 @@ def test_bad_input_is_one_clear_line(case, pattern, llama_family, tmp_path):
     assert re.search(pattern, lines[0]), lines[0]
     assert not out.exists()
     assert not any(p.name.startswith(".out.tmp") for p in tmp_path.iterdir())
+
+
+def test_tied_gpt2_merge_loads_with_tied_head(gpt2_family, tmp_path):
+    from evomerge.merge import merge_to_disk
+    from evomerge.recipe import Recipe
+
+    r = Recipe.from_dict({"method": "slerp", "base": str(gpt2_family["base"]), "parameters": {"t": 0.4},
+                          "sources": [str(gpt2_family["expert0"])]})
+    out = merge_to_disk(r, tmp_path / "gpt2_merged")
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    assert torch.equal(model.transformer.wte.weight, Checkpoint(out).get("transformer.wte.weight"))

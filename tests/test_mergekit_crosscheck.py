@@ -9,10 +9,10 @@ undropped result (dare_linear), and the kept fraction must match the density.
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from evomerge.checkpoint import Checkpoint
-from evomerge.merge import load_recipe, merge_to_disk
+from evomerge.merge import merge_to_disk
+from evomerge.recipe import Recipe
 
 mergekit = pytest.importorskip("mergekit")
 
@@ -31,7 +31,7 @@ def run_evomerge(config: dict, tmp_path, name="evo"):
     cfg = tmp_path / f"{name}.yaml"
     cfg.write_text(yaml.safe_dump(config))
     out = tmp_path / name
-    merge_to_disk(load_recipe(cfg), out)
+    merge_to_disk(Recipe.load(cfg), out)
     return Checkpoint(out)
 
 
