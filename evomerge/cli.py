@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from evomerge.errors import EvomergeError
@@ -28,6 +29,68 @@ def _tiny(args: argparse.Namespace) -> None:
         print(f"{name}: {path}")
 
 
+def _run(args: argparse.Namespace) -> None:
+    from evomerge.campaign import run_campaign
+
+    out = run_campaign(args.config, args.out, progress=not args.quiet)
+    _print_front(out.front)
+
+
+def _resume(args: argparse.Namespace) -> None:
+    from evomerge.campaign import resume_campaign
+
+    out = resume_campaign(args.dir, progress=not args.quiet)
+    _print_front(out.front)
+
+
+def _print_front(front: list[dict]) -> None:
+    print(f"front: {len(front)} member(s)")
+    for m in front:
+        objs = ", ".join(f"{k}={v:.4g}" for k, v in m["objectives"].items())
+        hold = ", ".join(f"{k}={v:.4g}" for k, v in m["holdout"].items() if isinstance(v, float))
+        print(f"  #{m['id']}: {objs}" + (f"   held-out: {hold}" if hold else ""))
+
+
+def _status(args: argparse.Namespace) -> None:
+    from evomerge.campaign import campaign_status
+
+    st = campaign_status(args.dir)
+    if args.json:
+        print(json.dumps(st))
+        return
+    state = "done" if st["done"] else ("pending" if st["evaluated"] < st["budget"] else "finishing")
+    print(f"{st['name']}: {st['evaluated']}/{st['budget']} candidates evaluated ({st['failed']} failed), "
+          f"{st['generations']} generation(s), {state}")
+    for k, v in st["best"].items():
+        print(f"  best {k}: {v:.4g}")
+    print(f"  front: {st['front_size']} member(s); hypervolume by generation: "
+          + ", ".join(f"{h:.4g}" for h in st["hypervolume"][-8:]))
+
+
+def _front(args: argparse.Namespace) -> None:
+    from evomerge.campaign import front_members
+    from evomerge.config import parse_campaign
+    from evomerge.errors import EvomergeError
+    from evomerge.journal import Journal
+
+    if not Journal.exists(args.dir):
+        raise EvomergeError(f"{args.dir} holds no campaign journal (journal.sqlite)")
+    journal = Journal(args.dir)
+    members = front_members(journal, parse_campaign(journal.get("config")))
+    if args.json:
+        print(json.dumps([{k: m[k] for k in ("id", "objectives", "holdout", "recipe", "generation", "metrics")}
+                          for m in members]))
+        return
+    _print_front(members)
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from evomerge.demo import run_demo
+
+    run_demo(args.out, budget=args.budget, config=args.config, progress=not args.quiet)
+    print(f"summary: {args.out}/summary.json")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evomerge", description="Evolutionary model-merge search.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -40,6 +103,29 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.set_defaults(func=_merge)
+    r = sub.add_parser("run", help="start (or continue) a campaign from a config")
+    r.add_argument("config")
+    r.add_argument("--out", required=True, help="campaign folder (journal.sqlite lives here)")
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(func=_run)
+    r = sub.add_parser("resume", help="continue a stopped or killed campaign exactly where it was")
+    r.add_argument("dir")
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(func=_resume)
+    r = sub.add_parser("status", help="progress of a campaign")
+    r.add_argument("dir")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=_status)
+    r = sub.add_parser("front", help="the Pareto front of a campaign")
+    r.add_argument("dir")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=_front)
+    r = sub.add_parser("demo", help="train a tiny model family locally and run a real merge campaign on it")
+    r.add_argument("--out", default="runs/demo")
+    r.add_argument("--budget", type=int, default=None, help="candidates (default: experiments/demo.yaml's)")
+    r.add_argument("--config", default=None, help="another demo-style config")
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(func=_demo)
     t = sub.add_parser("tiny", help="build a tiny local model family (a base and perturbed experts) to try merges on")
     t.add_argument("out_dir")
     t.add_argument("--experts", type=int, default=3)

@@ -1,5 +1,9 @@
-"""Genomes for evolutionary merge search: a vector in a box <-> a merge Recipe.
+"""Genomes for evolutionary merge search: a vector in the unit box <-> a merge Recipe.
 
-The parameter-space, data-flow-space and hybrid genomes land with the campaign loop
-(issue 3); the Recipe they decode to is `evomerge.recipe.Recipe`.
+`ps.ParameterSpace` is the parameter-space genome (per-source merge coefficients, optionally per
+layer group and tensor family). Data-flow (layer path) and hybrid genomes come later.
 """
+
+from search_spaces.ps import ParameterSpace
+
+__all__ = ["ParameterSpace"]

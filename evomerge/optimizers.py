@@ -1,0 +1,187 @@
+"""One ask/tell interface over CMA-ES (`cma`), nevergrad's optimizers and NSGA-II (pymoo).
+
+Every optimizer works in the unit box and minimizes; the campaign negates maximized objectives.
+Each one is deterministic given its seed: the libraries draw from NumPy's (and Python's) global
+random state, so every call runs inside the optimizer's own saved copy of that state and puts
+the caller's back afterwards. That determinism is what makes resume exact: a resumed campaign
+rebuilds the optimizer by replaying the journaled asks and tells, and checks the result against
+the checkpoint digest the journal stored for each generation. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from contextlib import contextmanager
+
+import numpy as np
+
+from evomerge.errors import EvomergeError
+
+
+def default_population(dim: int) -> int:
+    """CMA-ES's default, 4 + floor(3 ln n), used for every optimizer unless set."""
+    return 4 + int(math.floor(3 * math.log(max(dim, 1))))
+
+
+def _digest(state: dict) -> str:
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _round(a) -> list:
+    return [float(f"{v:.12g}") for v in np.asarray(a, dtype=float).ravel()]
+
+
+class Optimizer:
+    """ask() -> genomes (population-sized list); tell(genomes, losses) with losses (pop, n_obj)."""
+
+    population: int
+    n_obj: int = 1
+
+    def __init__(self, seed: int):
+        saved = np.random.get_state(), random.getstate()
+        np.random.seed(seed % (2**32))
+        random.seed(seed)
+        self._rng = np.random.get_state(), random.getstate()
+        np.random.set_state(saved[0])
+        random.setstate(saved[1])
+
+    @contextmanager
+    def _own_rng(self):
+        saved = np.random.get_state(), random.getstate()
+        np.random.set_state(self._rng[0])
+        random.setstate(self._rng[1])
+        try:
+            yield
+        finally:
+            self._rng = np.random.get_state(), random.getstate()
+            np.random.set_state(saved[0])
+            random.setstate(saved[1])
+
+    def ask(self) -> list[np.ndarray]:
+        with self._own_rng():
+            return [np.clip(np.asarray(x, dtype=float), 0.0, 1.0) for x in self._ask()]
+
+    def tell(self, genomes: list[np.ndarray], losses: list[list[float]]) -> None:
+        with self._own_rng():
+            self._tell(genomes, np.asarray(losses, dtype=float).reshape(len(genomes), self.n_obj))
+
+    def checkpoint(self) -> dict:
+        """A small JSON summary of the state, and its digest (compared on resume)."""
+        state = self._state()
+        return {"state": state, "digest": _digest(state)}
+
+    def _ask(self):
+        raise NotImplementedError
+
+    def _tell(self, genomes, losses) -> None:
+        raise NotImplementedError
+
+    def _state(self) -> dict:
+        raise NotImplementedError
+
+
+class CMAES(Optimizer):
+    def __init__(self, dim: int, seed: int, x0: np.ndarray, sigma0: float, population: int | None = None):
+        super().__init__(seed)
+        import cma
+
+        self.population = population or default_population(dim)
+        opts = {"popsize": self.population, "bounds": [0.0, 1.0], "seed": seed + 1, "verbose": -9}
+        with self._own_rng():
+            self.es = cma.CMAEvolutionStrategy(list(x0), sigma0, opts)
+
+    def _ask(self):
+        return self.es.ask()
+
+    def _tell(self, genomes, losses):
+        self.es.tell([np.asarray(g) for g in genomes], [float(v) for v in losses[:, 0]])
+
+    def _state(self):
+        return {"kind": "cma", "iteration": int(self.es.countiter), "mean": _round(self.es.mean),
+                "sigma": float(f"{self.es.sigma:.12g}")}
+
+
+class Nevergrad(Optimizer):
+    def __init__(self, name: str, dim: int, seed: int, x0: np.ndarray, sigma0: float, budget: int,
+                 population: int | None = None, n_obj: int = 1):
+        super().__init__(seed)
+        import nevergrad as ng
+
+        if name not in ng.optimizers.registry:
+            close = sorted(k for k in ng.optimizers.registry if k.lower().startswith(name[:3].lower()))[:8]
+            raise EvomergeError(f"config field 'optimizer.name': bad value 'nevergrad:{name}'; nevergrad has no such "
+                                f"optimizer (similar: {', '.join(close) or 'see nevergrad.optimizers.registry'})")
+        self.population = population or default_population(dim)
+        self.n_obj = n_obj
+        param = ng.p.Array(init=np.asarray(x0, dtype=float)).set_bounds(0.0, 1.0).set_mutation(sigma=sigma0)
+        param.random_state = np.random.RandomState(seed)
+        self.opt = ng.optimizers.registry[name](parametrization=param, budget=budget, num_workers=self.population)
+        self.name = name
+        self._pending: list = []
+        self._told = 0
+
+    def _ask(self):
+        self._pending = [self.opt.ask() for _ in range(self.population)]
+        return [c.value for c in self._pending]
+
+    def _tell(self, genomes, losses):
+        for cand, loss in zip(self._pending, losses):
+            self.opt.tell(cand, float(loss[0]) if self.n_obj == 1 else [float(v) for v in loss])
+        self._told += len(self._pending)
+        self._pending = []
+
+    def _state(self):
+        rec = self.opt.provide_recommendation().value if self._told else None
+        return {"kind": f"nevergrad:{self.name}", "told": self._told,
+                "recommendation": _round(rec) if rec is not None else None}
+
+
+class NSGA2(Optimizer):
+    def __init__(self, dim: int, n_obj: int, seed: int, population: int | None = None):
+        super().__init__(seed)
+        from pymoo.algorithms.moo.nsga2 import NSGA2 as PymooNSGA2
+        from pymoo.core.problem import Problem
+
+        self.population = population or default_population(dim)
+        self.n_obj = n_obj
+        self.problem = Problem(n_var=dim, n_obj=n_obj, xl=np.zeros(dim), xu=np.ones(dim))
+        with self._own_rng():
+            self.algo = PymooNSGA2(pop_size=self.population)
+            self.algo.setup(self.problem, termination=("n_gen", 10**9), seed=seed, verbose=False)
+        self._pop = None
+
+    def _ask(self):
+        self._pop = self.algo.ask()
+        return list(self._pop.get("X"))
+
+    def _tell(self, genomes, losses):
+        from pymoo.core.evaluator import Evaluator
+        from pymoo.problems.static import StaticProblem
+
+        Evaluator().eval(StaticProblem(self.problem, F=losses), self._pop)
+        self.algo.tell(infills=self._pop)
+
+    def _state(self):
+        pop = self.algo.pop
+        x = pop.get("X") if pop is not None else np.zeros(0)
+        f = pop.get("F") if pop is not None else np.zeros(0)
+        return {"kind": "nsga2", "generation": int(self.algo.n_gen or 0), "pop_x_sum": _round(np.sum(x, axis=0)),
+                "pop_f_sum": _round(np.sum(f, axis=0)) if f is not None and len(f) else []}
+
+
+def make_optimizer(spec: dict, dim: int, n_obj: int, seed: int, x0: np.ndarray, sigma0: float, budget: int) -> Optimizer:
+    name = spec["name"]
+    pop = spec.get("population")
+    sigma = float(spec.get("sigma0", sigma0))
+    if name == "cma":
+        if n_obj != 1:
+            raise EvomergeError("config field 'optimizer.name': cma optimizes one objective; use nsga2 for several")
+        return CMAES(dim, seed, x0, sigma, pop)
+    if name == "nsga2":
+        return NSGA2(dim, n_obj, seed, pop)
+    if name.startswith("nevergrad:"):
+        return Nevergrad(name.split(":", 1)[1], dim, seed, x0, sigma, budget, pop, n_obj)
+    raise EvomergeError(f"config field 'optimizer.name': bad value {name!r}; allowed: cma, nsga2, nevergrad:<Name>")
