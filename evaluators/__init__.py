@@ -1,29 +1,86 @@
 """Task scorers that turn a materialized model into metrics.
 
-An evaluator is built from a spec such as `{task: synthetic:reverse, split: fitness, n: 100}` and
-offers `score(model) -> {metric: value}` and `identity() -> {task, split, n, ...}` (what the
-journal stores beside the score). MGSM, lm-eval tasks, VQA and perplexity land with issue 4.
+One protocol: an evaluator is built from a spec and a tokenizer (or processor), then
+`score(model) -> {metric: value}` scores the in-memory model, and `identity()` says what was
+measured — task, split, number of examples, generation settings — which the journal stores with
+every score. Specs, as a campaign config or `evomerge eval` writes them:
+
+    {task: "synthetic:reverse", split: fitness, n: 100}           # exact match, teacher-forced
+    {task: "synthetic-logprob:sort", split: fitness, n: 64}       # mean answer log-probability
+    {task: "mgsm", lang: ja, split: search, shots: 0, max_new_tokens: 256, language_check: true}
+    {task: "mgsm", lang: ja, jsonl: my_gsm8k_ja.jsonl}            # user fitness set
+    {task: "lm_eval:arc_easy", limit: 100, include_path: tasks/, metrics: [acc]}
+    {task: "perplexity", path: corpus.jsonl, field: text}
+    {task: "vqa", path: questions.jsonl, lang: ja}                # LLaVA-family models, ROUGE-L
 """
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
 from evomerge.errors import EvomergeError
 
-TASK_KINDS = ("synthetic", "synthetic-logprob")
+
+class Evaluator(Protocol):
+    def identity(self) -> dict: ...
+
+    def score(self, model: Any) -> dict[str, float]: ...
 
 
-def build_evaluator(spec: dict, tokenizer, where: str = "fitness"):
-    from evaluators.synthetic import TASKS, SyntheticLogprob, SyntheticTask
+_KEYS = {
+    "synthetic": {"task", "split", "n", "seed"},
+    "mgsm": {"task", "lang", "split", "rows", "shots", "jsonl", "language_check", "language_threshold", "limit",
+             "max_new_tokens", "batch_size", "stop"},
+    "lm_eval": {"task", "metrics", "limit", "include_path", "num_fewshot", "batch_size", "split"},
+    "perplexity": {"task", "path", "field", "max_length", "batch_size", "limit", "split"},
+    "vqa": {"task", "path", "lang", "split", "limit", "max_new_tokens", "batch_size", "images"},
+}
+TASKS = ("synthetic:<copy|reverse|sort|shift>", "synthetic-logprob:<task>", "mgsm[:<lang>]", "lm_eval:<task>",
+         "perplexity", "vqa")
 
+
+def build_evaluator(spec: dict, tokenizer, where: str = "fitness") -> Evaluator:
     task = str(spec.get("task", ""))
     kind, _, name = task.partition(":")
-    if kind not in TASK_KINDS:
-        raise EvomergeError(f"config field '{where}.task': bad value {task!r}; allowed: "
-                            + ", ".join(f"{k}:<{'|'.join(TASKS)}>" for k in TASK_KINDS))
-    if name not in TASKS:
-        raise EvomergeError(f"config field '{where}.task': bad value {task!r}; allowed tasks: {', '.join(TASKS)}")
-    cls = SyntheticTask if kind == "synthetic" else SyntheticLogprob
+    family = "synthetic" if kind in ("synthetic", "synthetic-logprob") else kind
+    if family not in _KEYS:
+        raise EvomergeError(f"config field '{where}.task': bad value {task!r}; allowed: {', '.join(TASKS)}")
+    unknown = set(spec) - _KEYS[family]
+    if unknown:
+        raise EvomergeError(f"config field '{where}': unknown key(s) {sorted(unknown)} for {family}; "
+                            f"allowed: {sorted(_KEYS[family])}")
+    args = {k: v for k, v in spec.items() if k != "task"}
     try:
-        return cls(name, str(spec.get("split", "fitness")), int(spec.get("n", 100)), tokenizer, int(spec.get("seed", 0)))
-    except ValueError as exc:
+        if family == "synthetic":
+            from evaluators.synthetic import TASKS as SYNTHETIC, SyntheticLogprob, SyntheticTask
+
+            if name not in SYNTHETIC:
+                raise EvomergeError(f"config field '{where}.task': bad value {task!r}; allowed tasks: {', '.join(SYNTHETIC)}")
+            cls = SyntheticTask if kind == "synthetic" else SyntheticLogprob
+            return cls(name, str(args.get("split", "fitness")), int(args.get("n", 100)), tokenizer, int(args.get("seed", 0)))
+        if family == "mgsm":
+            from evaluators.mgsm import MGSM
+
+            if name:
+                args.setdefault("lang", name)
+            return MGSM(tokenizer, **args)
+        if family == "lm_eval":
+            from evaluators.lm_eval_task import LMEvalTask
+
+            if not name:
+                raise EvomergeError(f"config field '{where}.task': write lm_eval:<task name>, e.g. lm_eval:arc_easy")
+            return LMEvalTask(tokenizer, name, **args)
+        if family == "perplexity":
+            from evaluators.perplexity import Perplexity
+
+            if "path" not in args:
+                raise EvomergeError(f"config field '{where}.path' is missing: the text or JSONL file to score")
+            args.pop("split", None)
+            return Perplexity(tokenizer, **args)
+        from evaluators.vqa import VQA
+
+        if "path" not in args:
+            raise EvomergeError(f"config field '{where}.path' is missing: the VQA JSONL file")
+        return VQA(tokenizer, **args)
+    except (ValueError, TypeError) as exc:
         raise EvomergeError(f"config field '{where}': {exc}") from None

@@ -1,4 +1,4 @@
-"""Benchmarks. `python -m evomerge.bench materialize --json`
+"""Benchmarks. `python -m evomerge.bench materialize --json`, `python -m evomerge.bench generate --json`
 
 materialize: for one family of local models (built once and cached), measures
   (a) the bound: torch clone of (sources + 1) x model bytes, what any merge must at least read;
@@ -139,6 +139,39 @@ def bench_materialize(args: argparse.Namespace) -> dict:
     return summary
 
 
+def bench_generate(args: argparse.Namespace) -> dict:
+    """Batched greedy generation (left padding) vs batch size 1, same model, same prompts."""
+    from evaluators.mgsm import GenerationSettings, build_prompt, generate, load_rows
+    from evomerge.evaluate import load_model
+
+    torch.set_num_threads(args.threads)
+    if args.model:
+        model, tok = load_model(args.model, args.device)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        from evomerge.tiny import char_tokenizer, tiny_config
+
+        torch.manual_seed(0)
+        tok = char_tokenizer()
+        model = AutoModelForCausalLM.from_config(
+            tiny_config("llama", hidden=args.hidden, layers=args.layers, positions=2048)).to(args.device).eval()
+    prompts = [build_prompt(q, args.lang, []) for q, _ in load_rows(args.lang)[: args.prompts]]
+    results = {}
+    for bs in sorted({1, *args.batch_sizes}):
+        settings = GenerationSettings(max_new_tokens=args.new_tokens, batch_size=bs, stop=[])
+        generate(model, tok, prompts[:bs], settings)  # warm-up
+        start = time.perf_counter()
+        outs = generate(model, tok, prompts, settings)
+        secs = time.perf_counter() - start
+        tokens = sum(len(tok(text, add_special_tokens=False).input_ids) for text, _ in outs)
+        results[bs] = {"seconds": round(secs, 2), "tokens": tokens, "tokens_per_s": round(tokens / secs, 1)}
+        print(f"batch {bs:3d}: {tokens} tokens in {secs:6.2f} s = {tokens / secs:8.1f} tokens/s")
+    best = max(results.values(), key=lambda r: r["tokens_per_s"])
+    return {"prompts": len(prompts), "new_tokens": args.new_tokens, "by_batch": results,
+            "speedup_vs_batch1": round(best["tokens_per_s"] / results[1]["tokens_per_s"], 2)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m evomerge.bench")
     sub = parser.add_subparsers(dest="what", required=True)
@@ -157,8 +190,19 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--no-mergekit", action="store_true")
     m.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "evomerge-bench"))
     m.add_argument("--json", action="store_true", help="end with one JSON line")
+    g = sub.add_parser("generate", help="batched generation throughput vs batch size 1 (MGSM prompts)")
+    g.add_argument("--model", help="model folder (default: a random tiny Llama)")
+    g.add_argument("--hidden", type=int, default=256)
+    g.add_argument("--layers", type=int, default=4)
+    g.add_argument("--lang", default="en")
+    g.add_argument("--prompts", type=int, default=32)
+    g.add_argument("--new-tokens", type=int, default=64)
+    g.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    g.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    summary = bench_materialize(args)
+    summary = bench_materialize(args) if args.what == "materialize" else bench_generate(args)
     if args.json:
         print(json.dumps(summary))
     return 0

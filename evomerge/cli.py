@@ -91,6 +91,29 @@ def _demo(args: argparse.Namespace) -> None:
     print(f"summary: {args.out}/summary.json")
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from evomerge.evaluate import evaluate_folder
+
+    spec: dict = {"task": args.task}
+    for key, value in (("lang", args.lang), ("split", args.split), ("limit", args.limit),
+                       ("include_path", args.include_path), ("max_new_tokens", args.max_new_tokens),
+                       ("shots", args.shots), ("num_fewshot", args.num_fewshot), ("batch_size", args.batch_size)):
+        if value is not None:
+            spec[key] = value
+    if args.data:
+        spec["jsonl" if args.task.startswith("mgsm") else "path"] = args.data
+    if args.language_check:
+        spec["language_check"] = True
+    report = evaluate_folder(args.model, spec, device=args.device, allow_pickle=args.allow_pickle)
+    if args.json:
+        print(json.dumps(report))
+        return
+    ident = report["identity"]
+    print(f"{args.model}: {ident.get('task')} [{ident.get('split')}, n={ident.get('n')}] in {report['seconds']:.1f} s")
+    for k, v in report["metrics"].items():
+        print(f"  {k}: {v:.4f}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="evomerge", description="Evolutionary model-merge search.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -126,6 +149,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", default=None, help="another demo-style config")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=_demo)
+    e = sub.add_parser("eval", help="score a model folder on a task, the way a campaign does")
+    e.add_argument("model", help="model folder (a source, a baseline, an export)")
+    e.add_argument("--task", required=True, help="mgsm | mgsm:<lang> | lm_eval:<task> | perplexity | vqa | synthetic:<task>")
+    e.add_argument("--lang", help="MGSM / VQA language (e.g. ja)")
+    e.add_argument("--split", help="MGSM: search | holdout | all | 0-99; synthetic: fitness | holdout")
+    e.add_argument("--limit", type=int, help="score only the first N examples")
+    e.add_argument("--include-path", help="folder of local lm-eval task YAMLs")
+    e.add_argument("--data", help="perplexity/VQA file, or an MGSM-style JSONL of {question, answer}")
+    e.add_argument("--shots", type=int, help="MGSM few-shot exemplars (default 0)")
+    e.add_argument("--num-fewshot", type=int, help="lm-eval few-shot count")
+    e.add_argument("--max-new-tokens", type=int, help="generation length limit (recorded with the score)")
+    e.add_argument("--batch-size", type=int)
+    e.add_argument("--language-check", action="store_true", help="MGSM: the answer must be in the target language")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--allow-pickle", action="store_true")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=_eval)
     t = sub.add_parser("tiny", help="build a tiny local model family (a base and perturbed experts) to try merges on")
     t.add_argument("out_dir")
     t.add_argument("--experts", type=int, default=3)

@@ -30,17 +30,17 @@ def char_tokenizer():
 
 
 def tiny_config(arch: str = "llama", hidden: int = 64, layers: int = 4, vocab: int | None = None,
-                intermediate: int | None = None, heads: int = 4, tie: bool = False):
+                intermediate: int | None = None, heads: int = 4, tie: bool = False, positions: int = 256):
     from transformers import GPT2Config, LlamaConfig
 
     vocab = vocab or len(SPECIALS) + len(CHARS)
     if arch == "gpt2":
-        return GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, vocab_size=vocab, n_positions=256,
+        return GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, vocab_size=vocab, n_positions=positions,
                           bos_token_id=1, eos_token_id=2)
     if arch == "llama":
         return LlamaConfig(hidden_size=hidden, intermediate_size=intermediate or 2 * hidden, num_hidden_layers=layers,
                            num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), vocab_size=vocab,
-                           max_position_embeddings=256, tie_word_embeddings=tie, pad_token_id=0, bos_token_id=1,
+                           max_position_embeddings=positions, tie_word_embeddings=tie, pad_token_id=0, bos_token_id=1,
                            eos_token_id=2)
     raise ValueError(f"unknown tiny architecture {arch!r}; choose llama or gpt2")
 

@@ -25,3 +25,21 @@ def llama_family(tmp_path_factory):
 def gpt2_family(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpt2_family")
     return build_family(root, 2, arch="gpt2", hidden=32, layers=3, seed=1)
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory):
+    """The demo family, trained once per session into a private cache (~90 s on 2 cores)."""
+    cache = tmp_path_factory.mktemp("evomerge-cache")
+    old = os.environ.get("EVOMERGE_CACHE")
+    os.environ["EVOMERGE_CACHE"] = str(cache)
+    try:
+        from evomerge.demo import ensure_family
+
+        ensure_family(progress=False)
+    finally:
+        if old is None:
+            os.environ.pop("EVOMERGE_CACHE")
+        else:
+            os.environ["EVOMERGE_CACHE"] = old
+    return cache

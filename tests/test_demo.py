@@ -16,8 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("evomerge-cache")
+def demo_run(tmp_path_factory, demo_cache):
+    cache = demo_cache
     out = tmp_path_factory.mktemp("demo") / "run"
     env = dict(os.environ, EVOMERGE_CACHE=str(cache), HF_HUB_OFFLINE="1")
     res = subprocess.run([sys.executable, "-m", "evomerge", "demo", "--out", str(out), "--budget", "35", "--quiet"],

@@ -1,0 +1,58 @@
+"""Any lm-eval task on the in-memory model: lm-eval's HFLM wraps the model object directly.
+
+The numbers are lm-eval's own (same task configs, same metric code); only the model comes from
+memory instead of a folder, so a campaign never writes a candidate to disk to score it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class LMEvalTask:
+    """{<task>/<metric>: value} for one lm-eval task (metrics filtered by `metrics`, if given)."""
+
+    def __init__(self, tokenizer, task: str, metrics: list[str] | None = None, limit: int | float | None = None,
+                 include_path: str | None = None, num_fewshot: int | None = None, batch_size: int = 8,
+                 split: str | None = None):
+        try:
+            from lm_eval.tasks import TaskManager
+        except ImportError:
+            raise ValueError("lm-eval tasks need the lm-eval package: pip install 'lm-eval>=0.4.8'") from None
+        self.tokenizer = tokenizer
+        self.task = task
+        self.metrics = metrics
+        self.limit = limit
+        self.num_fewshot = num_fewshot
+        self.batch_size = batch_size
+        self.include_path = str(Path(include_path).resolve()) if include_path else None
+        if include_path and not Path(include_path).is_dir():
+            raise ValueError(f"lm-eval include path {include_path} is not a folder of task YAMLs")
+        self.task_manager = TaskManager(include_path=self.include_path)
+        if task not in self.task_manager.all_tasks:
+            raise ValueError(f"lm-eval has no task {task!r}" + ("" if include_path else "; local tasks need include_path"))
+        self.split = split  # informational: lm-eval tasks fix their own split in the task YAML
+
+    def identity(self) -> dict:
+        return {"task": f"lm_eval:{self.task}", "split": self.split or "task default", "n": self.limit or "all",
+                "num_fewshot": self.num_fewshot, "include_path": self.include_path}
+
+    def score(self, model) -> dict[str, float]:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM
+
+        device = str(next(model.parameters()).device)
+        lm = HFLM(pretrained=model, tokenizer=self.tokenizer, device=device, batch_size=self.batch_size)
+        out = lm_eval.simple_evaluate(
+            model=lm, tasks=[self.task], num_fewshot=self.num_fewshot, limit=self.limit,
+            task_manager=self.task_manager, log_samples=False, bootstrap_iters=0, verbosity="ERROR",
+        )
+        metrics = {}
+        for key, value in out["results"][self.task].items():
+            if not isinstance(value, (int, float)) or key == "alias" or "_stderr" in key:
+                continue
+            name = key.split(",")[0]
+            if self.metrics and name not in self.metrics and key not in self.metrics:
+                continue
+            metrics[f"{self.task}/{key.replace(',none', '')}"] = float(value)
+        return metrics

@@ -1,0 +1,215 @@
+"""MGSM: grade-school math in 11 languages, scored by batched greedy generation.
+
+The data (250 problems x 11 languages, CC BY 4.0, Shi et al. 2022) ships in
+`evaluators/data/mgsm/` with its license. Row i is the same problem in every language, so a row
+range is a split across languages: by default "search" = rows 0-99, "holdout" = rows 100-249.
+
+A generation is correct when the last number in it equals the reference answer and the model
+stopped on its own (EOS or a stop string) before `max_new_tokens`; a truncated generation never
+counts, so a merge cannot "win" by rambling until a lucky number appears. With
+`language_check`, the generation must also be mostly in the target language, judged offline by
+Unicode script share: among its letters, the fraction in the language's scripts (Japanese:
+hiragana, katakana, kanji) must reach `language_threshold` (EvoLLM-JP required Japanese reasoning).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+DATA = Path(__file__).parent / "data" / "mgsm"
+LANGUAGES = ("bn", "de", "en", "es", "fr", "ja", "ru", "sw", "te", "th", "zh")
+SPLITS = {"search": (0, 100), "holdout": (100, 250), "all": (0, 250)}
+
+# (question prefix, answer prefix) per language, after the MGSM paper's native prompts.
+TEMPLATES = {
+    "en": ("Question:", "Step-by-Step Answer:"),
+    "ja": ("問題：", "ステップごとの答え："),
+    "zh": ("问题：", "逐步解答："),
+    "de": ("Frage:", "Schritt-für-Schritt-Antwort:"),
+    "fr": ("Question :", "Réponse étape par étape :"),
+    "es": ("Pregunta:", "Respuesta paso a paso:"),
+    "ru": ("Задача:", "Пошаговое решение:"),
+    "sw": ("Swali:", "Jibu la Hatua kwa Hatua:"),
+    "bn": ("প্রশ্ন:", "ধাপে ধাপে উত্তর:"),
+    "te": ("ప్రశ్న:", "దశలవారీగా సమాధానం:"),
+    "th": ("โจทย์:", "คำตอบทีละขั้นตอน:"),
+}
+
+# Unicode ranges of each language's own script(s), for the offline language check.
+SCRIPTS = {
+    "ja": [(0x3040, 0x309F), (0x30A0, 0x30FF), (0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0xFF66, 0xFF9F)],
+    "zh": [(0x4E00, 0x9FFF), (0x3400, 0x4DBF)],
+    "ru": [(0x0400, 0x04FF)],
+    "bn": [(0x0980, 0x09FF)],
+    "te": [(0x0C00, 0x0C7F)],
+    "th": [(0x0E00, 0x0E7F)],
+    **{lang: [(0x0041, 0x005A), (0x0061, 0x007A), (0x00C0, 0x024F)] for lang in ("en", "de", "fr", "es", "sw")},
+}
+
+_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?|-?\d+(?:\.\d+)?")
+
+
+def extract_answer(text: str) -> float | None:
+    """The last number in `text`: full-width digits, thousands separators, decimals and negatives."""
+    t = unicodedata.normalize("NFKC", text).replace("\u2212", "-")
+    found = _NUMBER.findall(t)
+    if not found:
+        return None
+    try:
+        return float(found[-1].replace(",", ""))
+    except ValueError:
+        return None
+
+
+def script_share(text: str, lang: str) -> float:
+    """Fraction of the letters in `text` that belong to `lang`'s scripts (1.0 when there are none)."""
+    ranges = SCRIPTS[lang]
+    letters = [ch for ch in text if unicodedata.category(ch).startswith("L")]
+    if not letters:
+        return 1.0
+    own = sum(any(lo <= ord(ch) <= hi for lo, hi in ranges) for ch in letters)
+    return own / len(letters)
+
+
+def load_rows(lang: str) -> list[tuple[str, float]]:
+    if lang not in LANGUAGES:
+        raise ValueError(f"unknown MGSM language {lang!r}; choose one of {', '.join(LANGUAGES)}")
+    rows = []
+    for line in (DATA / f"mgsm_{lang}.tsv").read_text(encoding="utf-8").splitlines():
+        q, a = line.rsplit("\t", 1)
+        rows.append((q, float(a.replace(",", ""))))
+    return rows
+
+
+def load_jsonl(path: str | Path) -> list[tuple[str, float]]:
+    """User-supplied problems: one {"question": ..., "answer": number} per line."""
+    rows = []
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines()):
+        if not line.strip():
+            continue
+        item = json.loads(line)
+        if "question" not in item or "answer" not in item:
+            raise ValueError(f"{path}:{i + 1}: each line needs 'question' and 'answer'")
+        rows.append((str(item["question"]), float(str(item["answer"]).replace(",", ""))))
+    return rows
+
+
+def parse_rows(split: str | None, rows: list[int] | None) -> tuple[int, int]:
+    if rows is not None:
+        return int(rows[0]), int(rows[1])
+    split = split or "search"
+    if split in SPLITS:
+        return SPLITS[split]
+    m = re.fullmatch(r"(\d+)-(\d+)", split)
+    if not m:
+        raise ValueError(f"MGSM split {split!r}: use search, holdout, all, or a row range like 0-99")
+    return int(m.group(1)), int(m.group(2)) + 1
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 256
+    batch_size: int = 16
+    stop: list[str] = field(default_factory=lambda: ["\n\n", "Question:", "問題："])
+    do_sample: bool = False
+
+
+def build_prompt(question: str, lang: str, shots: list[tuple[str, float]]) -> str:
+    q_word, a_word = TEMPLATES.get(lang, TEMPLATES["en"])
+    parts = [f"{q_word} {sq}\n{a_word} {_fmt(sa)}\n\n" for sq, sa in shots]
+    parts.append(f"{q_word} {question}\n{a_word}")
+    return "".join(parts)
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings) -> list[tuple[str, bool]]:
+    """Greedy, batched, left-padded generation: (text, truncated) per prompt, stop strings cut off."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    out: list[tuple[str, bool]] = []
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, len(prompts), settings.batch_size):
+            batch = prompts[start : start + settings.batch_size]
+            enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            gen = model.generate(
+                **enc, max_new_tokens=settings.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id, stop_strings=settings.stop or None, tokenizer=tokenizer,
+            )
+            new = gen[:, enc.input_ids.shape[1] :]
+            for row in new:
+                ids = row.tolist()
+                ended_eos = tokenizer.eos_token_id in ids
+                if ended_eos:
+                    ids = ids[: ids.index(tokenizer.eos_token_id)]
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                cut = [text.find(s) for s in settings.stop if s and s in text]
+                stopped = bool(cut)
+                if cut:
+                    text = text[: min(cut)]
+                truncated = not ended_eos and not stopped and len(row) >= settings.max_new_tokens
+                out.append((text, truncated))
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+class MGSM:
+    """Accuracy on MGSM (or a user JSONL set) in one language: {mgsm_<lang>: accuracy, ...}."""
+
+    def __init__(self, tokenizer, lang: str = "ja", split: str | None = "search", rows: list[int] | None = None,
+                 shots: int = 0, jsonl: str | None = None, language_check: bool = False,
+                 language_threshold: float = 0.5, limit: int | None = None, **generation):
+        self.tokenizer = tokenizer
+        self.lang = lang
+        self.settings = GenerationSettings(**generation)
+        if jsonl:
+            problems = load_jsonl(jsonl)
+            self.split_name = f"jsonl:{Path(jsonl).name}"
+            start, end = 0, len(problems)
+        else:
+            problems = load_rows(lang)
+            start, end = parse_rows(split, rows)
+            self.split_name = f"rows {start}-{end - 1}"
+        self.items = problems[start:end][:limit]
+        pool = load_rows(lang) if not jsonl else problems
+        # Few-shot exemplars come from outside the evaluated rows (the end of the set).
+        candidates = [p for i, p in enumerate(pool) if jsonl or not (start <= i < end)]
+        self.shots = candidates[len(candidates) - shots :] if shots else []
+        self.language_check = language_check
+        self.language_threshold = language_threshold
+        self.metric = f"mgsm_{lang}"
+
+    def identity(self) -> dict:
+        return {"task": f"mgsm:{self.lang}", "split": self.split_name, "n": len(self.items), "shots": len(self.shots),
+                "generation": asdict(self.settings), "answer": "last number; truncated = wrong",
+                "language_check": (f"script share >= {self.language_threshold}" if self.language_check else None)}
+
+    def score(self, model) -> dict[str, float]:
+        prompts = [build_prompt(q, self.lang, self.shots) for q, _ in self.items]
+        outputs = generate(model, self.tokenizer, prompts, self.settings)
+        correct = truncated = lang_ok = 0
+        self.last_outputs = outputs
+        for (text, trunc), (_, gold) in zip(outputs, self.items):
+            pred = extract_answer(text)
+            in_lang = script_share(text, self.lang) >= self.language_threshold if self.lang in SCRIPTS else True
+            lang_ok += in_lang
+            truncated += trunc
+            ok = pred is not None and abs(pred - gold) < 1e-6 and not trunc
+            if self.language_check:
+                ok = ok and in_lang
+            correct += ok
+        n = max(1, len(self.items))
+        return {self.metric: correct / n, f"{self.metric}_truncated": truncated / n, f"{self.metric}_in_language": lang_ok / n}

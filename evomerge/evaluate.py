@@ -1,0 +1,43 @@
+"""Score one model folder on one task: `evomerge eval`, and the baselines a campaign reports."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from evomerge.checkpoint import Checkpoint, resolve_model_path
+from evomerge.errors import EvomergeError
+
+
+def load_model(folder: str | Path, device: str = "cpu", allow_pickle: bool = False):
+    """(model, tokenizer or processor) from a local folder; never runs remote code."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
+
+    path = resolve_model_path(folder)
+    Checkpoint(path, allow_pickle=allow_pickle)  # refuses pickles unless opted in, before transformers sees them
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    if getattr(config, "vision_config", None) is not None:
+        from transformers import AutoModelForImageTextToText
+
+        model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=False, dtype=torch.float32)
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False, dtype=torch.float32,
+                                                     use_safetensors=not allow_pickle)
+        processor = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    return model.to(device).eval(), processor
+
+
+def evaluate_folder(folder: str | Path, spec: dict, device: str = "cpu", allow_pickle: bool = False) -> dict:
+    from evaluators import build_evaluator
+
+    model, tokenizer = load_model(folder, device, allow_pickle)
+    evaluator = build_evaluator(spec, tokenizer, where="eval")
+    start = time.perf_counter()
+    try:
+        metrics = evaluator.score(model)
+    except (ValueError, FileNotFoundError) as exc:
+        raise EvomergeError(f"eval {spec.get('task')}: {exc}") from None
+    return {"model": str(folder), "metrics": metrics, "identity": evaluator.identity(),
+            "seconds": round(time.perf_counter() - start, 3)}
