@@ -100,6 +100,14 @@ class SyntheticTask:
     def score(self, model) -> dict[str, float]:
         return {self.task: float(exact_match(model, self.batch).mean())}
 
+    # Racing: per-example scores in [0, 1] on a slice of the examples.
+    bounded = True
+
+    def score_examples(self, model, start: int, end: int) -> dict[str, torch.Tensor]:
+        b = self.batch
+        part = EncodedBatch(b.input_ids[start:end], b.attention_mask[start:end], b.target_mask[start:end])
+        return {self.task: exact_match(model, part)}
+
 
 @torch.no_grad()
 def answer_logprob(model, batch: EncodedBatch) -> torch.Tensor:
@@ -113,6 +121,8 @@ def answer_logprob(model, batch: EncodedBatch) -> torch.Tensor:
 
 class SyntheticLogprob(SyntheticTask):
     """{task_logprob: mean answer log-probability} on one synthetic task and split."""
+
+    bounded = False  # log-probabilities are unbounded: no racing
 
     def identity(self) -> dict:
         return {**super().identity(), "scoring": "teacher-forced answer log-probability"}

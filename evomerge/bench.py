@@ -172,6 +172,56 @@ def bench_generate(args: argparse.Namespace) -> dict:
             "speedup_vs_batch1": round(best["tokens_per_s"] / results[1]["tokens_per_s"], 2)}
 
 
+def bench_racing(args: argparse.Namespace) -> dict:
+    """The demo campaign with and without racing: examples scored to reach the plain run's final fitness."""
+    import yaml
+
+    from evomerge.campaign import CampaignRunner
+    from evomerge.config import parse_campaign
+    from evomerge.demo import DEMO_CONFIG
+    from evomerge.journal import Journal
+
+    torch.set_num_threads(args.threads)
+    data = yaml.safe_load(Path(args.config or DEMO_CONFIG).read_text())
+    if args.budget:
+        data["budget"] = args.budget
+    runs = {}
+    for label, racing in (("plain", None), ("racing", {"stages": args.stages, "z": args.z})):
+        cfg = dict(data, **({"racing": racing} if racing else {}))
+        folder = Path(tempfile.mkdtemp(prefix=f"evomerge-racing-{label}-"))
+        start = time.perf_counter()
+        runner = CampaignRunner(parse_campaign(cfg), folder, progress=False)
+        runner.run()
+        name = runner.c.objectives[0].name
+        rows = Journal(folder).candidates()
+        trace, best, used = [], float("-inf"), 0
+        for r in rows:  # in evaluation order: examples spent, best fully-scored fitness so far
+            used += r.examples or 0
+            if r.status == "done":
+                best = max(best, r.objectives[name])
+            trace.append((used, best))
+        runs[label] = {"trace": trace, "final": best, "examples": used, "seconds": time.perf_counter() - start,
+                       "raced": sum(r.status == "raced" for r in rows), "candidates": len(rows)}
+        shutil.rmtree(folder, ignore_errors=True)
+    target = runs["plain"]["final"]
+
+    def to_reach(trace):
+        return next((used for used, best in trace if best >= target - 1e-12), None)
+
+    plain_n, racing_n = to_reach(runs["plain"]["trace"]), to_reach(runs["racing"]["trace"])
+    for label, r in runs.items():
+        print(f"{label:7s}: {r['candidates']} candidates ({r['raced']} stopped early), {r['examples']} examples scored, "
+              f"final best {r['final']:.4f}, {r['seconds']:.1f} s")
+    ratio = racing_n / plain_n if racing_n and plain_n else None
+    print(f"examples to reach the plain run's final fitness {target:.4f}: plain {plain_n}, racing {racing_n}"
+          + (f" ({ratio:.2f}x)" if ratio else " (not reached)"))
+    return {"target": target, "plain_examples_to_target": plain_n, "racing_examples_to_target": racing_n,
+            "ratio": round(ratio, 3) if ratio else None,
+            "total_examples": {k: v["examples"] for k, v in runs.items()},
+            "final": {k: v["final"] for k, v in runs.items()}, "raced": runs["racing"]["raced"],
+            "rule": {"stages": args.stages, "z": args.z}}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m evomerge.bench")
     sub = parser.add_subparsers(dest="what", required=True)
@@ -201,8 +251,16 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--device", default="cpu")
     g.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     g.add_argument("--json", action="store_true")
+    r = sub.add_parser("racing", help="the demo campaign with and without racing (needs the demo family; built if absent)")
+    r.add_argument("--config", help="a demo-style config (default experiments/demo.yaml)")
+    r.add_argument("--budget", type=int)
+    r.add_argument("--stages", type=float, nargs="+", default=[0.25, 0.5])
+    r.add_argument("--z", type=float, default=2.0)
+    r.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    r.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    summary = bench_materialize(args) if args.what == "materialize" else bench_generate(args)
+    handlers = {"materialize": bench_materialize, "generate": bench_generate, "racing": bench_racing}
+    summary = handlers[args.what](args)
     if args.json:
         print(json.dumps(summary))
     return 0

@@ -75,8 +75,16 @@ class CampaignRunner:
     @property
     def executor(self) -> Executor:
         if self._executor is None:
+            from evomerge.racing import RacingRule
+
+            rule = RacingRule(**self.c.racing) if self.c.racing else None
             worker = Worker(list(self.sources.values()), self.base, self.c.fitness, self.c.holdout,
-                            self.c.dtype, self.c.executor.get("device", "cpu"))
+                            self.c.dtype, self.c.executor.get("device", "cpu"), rule, self.c.objectives[0].metrics)
+            if rule is not None:
+                unbounded = [ev.identity()["task"] for ev in worker.evaluators["fitness"] if not getattr(ev, "bounded", False)]
+                if unbounded:
+                    raise EvomergeError(f"config field 'racing': fitness task(s) {unbounded} give no per-example scores "
+                                        "in [0, 1]; racing needs exact-match style tasks (e.g. synthetic:<task>)")
             self._executor = LocalExecutor(worker)
         return self._executor
 
@@ -111,21 +119,22 @@ class CampaignRunner:
                                 f"journal diverged at generation {g}, slot {slot}: the optimizer now asks a different "
                                 "genome than the journal holds (was the code or library version changed?)"
                             )
-                        if row.status in ("done", "failed"):
+                        if row.status in ("done", "raced", "failed"):
                             values[slot] = row.objectives
                             continue
                         cid = row.id
                     else:
                         cid = self.journal.add_pending(g, slot, genome, self.space.decode(x).to_dict())
                     todo[cid] = slot
+                incumbent = self.incumbent()
                 for cid, slot in todo.items():
                     self.journal.mark_started(cid)
-                    self.executor.submit(cid, self.space.decode(genomes[slot]), "fitness")
+                    self.executor.submit(cid, self.space.decode(genomes[slot]), "fitness", incumbent)
                 for res in (self.executor.collect() if todo else ()):
                     slot = todo[res.cid]
                     objectives = self.objectives_of(res.metrics) if res.error is None else None
                     self.journal.record_result(res.cid, res.metrics, res.identity, objectives, res.error,
-                                               res.materialize_s, res.eval_s)
+                                               res.materialize_s, res.eval_s, res.examples, res.raced)
                     values[slot] = objectives
                     if bar is not None:
                         bar.update(1)
@@ -137,7 +146,14 @@ class CampaignRunner:
         finally:
             if bar is not None:
                 bar.close()
-        return Outcome(self.journal.count("done", "failed"), self.front(), self.folder)
+        return Outcome(self.journal.count("done", "raced", "failed"), self.front(), self.folder)
+
+    def incumbent(self) -> float | None:
+        """The best fully evaluated objective so far (what racing must plausibly beat)."""
+        if not self.c.racing:
+            return None
+        done = [r.objectives[self.c.objectives[0].name] for r in self.journal.candidates("done")]
+        return max(done) if done else None
 
     def _checkpoint(self, g: int) -> None:
         cp = self.optimizer.checkpoint()
@@ -180,7 +196,7 @@ class CampaignRunner:
             return None
         from tqdm import tqdm
 
-        done = self.journal.count("done", "failed")
+        done = self.journal.count("done", "raced", "failed")
         total = self.generations * self.population
         bar = tqdm(total=total, initial=min(done, total), desc=f"{self.c.name}", unit="cand", dynamic_ncols=True, mininterval=0.5)
         self._postfix(bar)
@@ -227,8 +243,10 @@ def campaign_status(folder: str | Path) -> dict:
     cps = journal.checkpoints()
     status = {
         "name": campaign.name,
-        "evaluated": sum(r.status in ("done", "failed") for r in rows),
+        "evaluated": sum(r.status in ("done", "raced", "failed") for r in rows),
         "failed": sum(r.status == "failed" for r in rows),
+        "raced": sum(r.status == "raced" for r in rows),
+        "examples_scored": journal.examples_scored(),
         "pending": sum(r.status == "pending" for r in rows),
         "budget": campaign.budget,
         "generations": len(cps),

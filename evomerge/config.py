@@ -31,7 +31,7 @@ GRANULARITIES = ("global", "groups")
 DIRECTIONS = ("maximize", "minimize")
 EXECUTORS = ("local",)
 TOP_LEVEL = ("name", "seed", "base", "sources", "search_space", "optimizer", "budget", "objectives", "fitness",
-             "holdout", "executor", "dtype")
+             "holdout", "executor", "dtype", "racing")
 
 
 @dataclass
@@ -58,6 +58,7 @@ class Campaign:
     executor: dict = field(default_factory=lambda: {"kind": "local", "device": "cpu"})
     seed: int = 0
     dtype: str = "float32"
+    racing: dict | None = None  # {stages: [fractions], z: float}; see evomerge.racing
     raw: dict = field(default_factory=dict)  # the config as given: what the journal stores and compares
 
     @property
@@ -153,6 +154,22 @@ def parse_campaign(data: Any, origin: str = "config") -> Campaign:
     executor.setdefault("kind", "local")
     executor.setdefault("device", "cpu")
 
+    racing = data.get("racing")
+    if racing is True:
+        racing = {}
+    if racing not in (None, False):
+        if not isinstance(racing, dict) or set(racing) - {"stages", "z"}:
+            raise _fail("racing", racing, "true, or {stages: [0.25, 0.5], z: 2.0}")
+        stages = racing.get("stages", [0.25, 0.5])
+        if not (isinstance(stages, list) and stages and all(isinstance(f, (int, float)) and 0 < f < 1 for f in stages)
+                and stages == sorted(stages)):
+            raise _fail("racing.stages", stages, "increasing fractions between 0 and 1, e.g. [0.25, 0.5]")
+        if len(objectives) != 1 or objectives[0].direction != "maximize" or min(objectives[0].metrics.values()) < 0:
+            raise _fail("racing", racing, "one maximized objective with non-negative metric weights")
+        racing = {"stages": [float(f) for f in stages], "z": float(racing.get("z", 2.0))}
+    else:
+        racing = None
+
     return Campaign(
         name=str(data.get("name", "campaign")),
         base=str(data["base"]) if data.get("base") else None,
@@ -166,6 +183,7 @@ def parse_campaign(data: Any, origin: str = "config") -> Campaign:
         executor=executor,
         seed=int(data.get("seed", 0)),
         dtype=str(data.get("dtype", "float32")),
+        racing=racing,
         raw=raw,
     )
 

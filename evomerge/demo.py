@@ -179,7 +179,7 @@ def run_demo(out: str | Path, budget: int | None = None, config: str | Path | No
 
 def print_report(runner, front: list[dict], rows: dict, objective: str, wall: float) -> None:
     names = list(runner.c.objectives[0].metrics)
-    print(f"\nfront ({len(front)} member{'s' if len(front) != 1 else ''}) after {runner.journal.count('done', 'failed')} candidates:")
+    print(f"\nfront ({len(front)} member{'s' if len(front) != 1 else ''}) after {runner.journal.count('done', 'raced', 'failed')} candidates:")
     for m in front:
         objs = ", ".join(f"{k}={v:.3f}" for k, v in m["objectives"].items())
         print(f"  #{m['id']:<4d} {objs}")

@@ -26,10 +26,12 @@ class Result:
     error: str | None
     materialize_s: float
     eval_s: float
+    examples: int | None = None  # examples scored (racing may stop early)
+    raced: bool = False  # stopped early by racing: metrics are partial means
 
 
 class Executor:
-    def submit(self, cid: int, recipe: Recipe, split: str = "fitness") -> None:
+    def submit(self, cid: int, recipe: Recipe, split: str = "fitness", incumbent: float | None = None) -> None:
         raise NotImplementedError
 
     def collect(self) -> Iterator[Result]:
@@ -44,7 +46,7 @@ class Worker:
     """A SourceBank, one preallocated model and the evaluators: materialize + score, no disk I/O."""
 
     def __init__(self, sources: list[str], base: str | None, fitness: list[dict], holdout: list[dict],
-                 dtype: str = "float32", device: str = "cpu"):
+                 dtype: str = "float32", device: str = "cpu", racing=None, race_weights: dict | None = None):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         from evaluators import build_evaluator
@@ -59,21 +61,31 @@ class Worker:
             "fitness": [build_evaluator(s, self.tokenizer, f"fitness[{i}]") for i, s in enumerate(fitness)],
             "holdout": [build_evaluator(s, self.tokenizer, f"holdout[{i}]") for i, s in enumerate(holdout)],
         }
+        self.racing = racing
+        self.race_weights = race_weights or {}
 
-    def run(self, cid: int, recipe: Recipe, split: str) -> Result:
+    def run(self, cid: int, recipe: Recipe, split: str, incumbent: float | None = None) -> Result:
+        from evomerge.racing import race
+
         t0 = time.perf_counter()
+        evaluators = self.evaluators[split]
+        raced = False
         try:
             self.bank.materialize(recipe, self.model)
             t1 = time.perf_counter()
             metrics: dict[str, float] = {}
-            with torch.no_grad():
-                for ev in self.evaluators[split]:
-                    metrics.update(ev.score(self.model))
+            if self.racing is not None and split == "fitness":
+                metrics, examples, raced = race(evaluators, self.model, self.race_weights, incumbent, self.racing)
+            else:
+                with torch.no_grad():
+                    for ev in evaluators:
+                        metrics.update(ev.score(self.model))
+                examples = sum(getattr(ev, "n", 0) for ev in evaluators)
             t2 = time.perf_counter()
         except Exception as exc:  # a candidate that fails on its own is recorded, not fatal
             detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
             return Result(cid, None, None, detail, time.perf_counter() - t0, 0.0)
-        return Result(cid, metrics, [ev.identity() for ev in self.evaluators[split]], None, t1 - t0, t2 - t1)
+        return Result(cid, metrics, [ev.identity() for ev in evaluators], None, t1 - t0, t2 - t1, examples, raced)
 
 
 class LocalExecutor(Executor):
@@ -83,10 +95,10 @@ class LocalExecutor(Executor):
         self.worker = worker
         self.queue: deque = deque()
 
-    def submit(self, cid: int, recipe: Recipe, split: str = "fitness") -> None:
-        self.queue.append((cid, recipe, split))
+    def submit(self, cid: int, recipe: Recipe, split: str = "fitness", incumbent: float | None = None) -> None:
+        self.queue.append((cid, recipe, split, incumbent))
 
     def collect(self) -> Iterator[Result]:
         while self.queue:
-            cid, recipe, split = self.queue.popleft()
-            yield self.worker.run(cid, recipe, split)
+            cid, recipe, split, incumbent = self.queue.popleft()
+            yield self.worker.run(cid, recipe, split, incumbent)

@@ -22,13 +22,14 @@ CREATE TABLE IF NOT EXISTS candidates (
     slot INTEGER NOT NULL,
     genome TEXT NOT NULL,
     recipe TEXT NOT NULL,
-    status TEXT NOT NULL,              -- pending | done | failed
+    status TEXT NOT NULL,              -- pending | done | raced (stopped early) | failed
     metrics TEXT,                      -- {metric: value}
     metric_identity TEXT,              -- [{task, split, n, ...}] what produced the metrics
     objectives TEXT,                   -- {objective: value}
     holdout TEXT,                      -- {metric or objective: value}, for front members
     error TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
+    examples INTEGER,                  -- examples scored for the fitness metrics
     materialize_s REAL,
     eval_s REAL,
     created REAL NOT NULL,
@@ -62,6 +63,7 @@ class CandidateRow:
     materialize_s: float | None
     eval_s: float | None
     finished: float | None
+    examples: int | None
 
 
 def _loads(text):
@@ -100,10 +102,10 @@ class Journal:
 
     def _row(self, r) -> CandidateRow:
         return CandidateRow(r[0], r[1], r[2], json.loads(r[3]), json.loads(r[4]), r[5], _loads(r[6]), _loads(r[7]),
-                            _loads(r[8]), r[9], r[10], r[11], r[12], r[13])
+                            _loads(r[8]), r[9], r[10], r[11], r[12], r[13], r[14])
 
     _COLUMNS = ("id, generation, slot, genome, recipe, status, metrics, objectives, holdout, error, attempts, "
-                "materialize_s, eval_s, finished")
+                "materialize_s, eval_s, finished, examples")
 
     def generation(self, generation: int) -> dict[int, CandidateRow]:
         rows = self.db.execute(f"SELECT {self._COLUMNS} FROM candidates WHERE generation = ?", (generation,))
@@ -128,14 +130,19 @@ class Journal:
         self.db.execute("UPDATE candidates SET attempts = attempts + 1 WHERE id = ?", (cid,))
 
     def record_result(self, cid: int, metrics: dict | None, identity: list | None, objectives: dict | None,
-                      error: str | None, materialize_s: float | None, eval_s: float | None) -> None:
-        status = "failed" if error else "done"
+                      error: str | None, materialize_s: float | None, eval_s: float | None,
+                      examples: int | None = None, raced: bool = False) -> None:
+        status = "failed" if error else ("raced" if raced else "done")
         self.db.execute(
             "UPDATE candidates SET status = ?, metrics = ?, metric_identity = ?, objectives = ?, error = ?, "
-            "materialize_s = ?, eval_s = ?, finished = ? WHERE id = ?",
+            "materialize_s = ?, eval_s = ?, examples = ?, finished = ? WHERE id = ?",
             (status, json.dumps(metrics) if metrics is not None else None, json.dumps(identity) if identity else None,
-             json.dumps(objectives) if objectives is not None else None, error, materialize_s, eval_s, time.time(), cid),
+             json.dumps(objectives) if objectives is not None else None, error, materialize_s, eval_s, examples,
+             time.time(), cid),
         )
+
+    def examples_scored(self) -> int:
+        return int(self.db.execute("SELECT COALESCE(SUM(examples), 0) FROM candidates").fetchone()[0])
 
     def record_holdout(self, cid: int, holdout: dict) -> None:
         self.db.execute("UPDATE candidates SET holdout = ? WHERE id = ?", (json.dumps(holdout), cid))

@@ -63,3 +63,45 @@ def test_nsga2_config_finds_a_front_of_at_least_three(demo_run, tmp_path):
     values = [dict(p) for p in points]
     assert front_indices(runner.c.objectives, values) == list(range(len(values)))  # mutually non-dominated
     assert all("reverse_acc" in m["holdout"] for m in outcome.front)
+
+
+def test_racing_stops_hopeless_candidates_and_journals_them(demo_cache, tmp_path):
+    from evomerge.campaign import campaign_status, front_rows
+    from evomerge.journal import Journal
+
+    old = os.environ.get("EVOMERGE_CACHE")
+    os.environ["EVOMERGE_CACHE"] = str(demo_cache)
+    try:
+        data = yaml.safe_load(open(os.path.join(ROOT, "experiments", "demo.yaml")))
+        data.update(budget=35, racing={"stages": [0.25, 0.5], "z": 2.0})
+        runner = CampaignRunner(parse_campaign(data), tmp_path / "race", progress=False)
+        runner.run()
+    finally:
+        if old is None:
+            os.environ.pop("EVOMERGE_CACHE")
+        else:
+            os.environ["EVOMERGE_CACHE"] = old
+    journal = Journal(tmp_path / "race")
+    rows = journal.candidates()
+    full = 300  # three fitness sets of 100
+    raced = [r for r in rows if r.status == "raced"]
+    done = [r for r in rows if r.status == "done"]
+    assert raced, "some candidates should be stopped early"
+    assert all(r.examples < full for r in raced) and all(r.examples == full for r in done)
+    best = max(r.objectives["mean_accuracy"] for r in done)
+    assert all(r.objectives["mean_accuracy"] < best for r in raced)
+    assert {r.id for r in front_rows(journal, runner.c)} <= {r.id for r in done}  # partial scores never make the front
+    st = campaign_status(tmp_path / "race")
+    assert st["raced"] == len(raced) and st["examples_scored"] == sum(r.examples for r in rows) < full * len(rows)
+
+
+def test_racing_bound():
+    from evomerge.racing import RacingRule
+
+    rule = RacingRule(z=2.0)
+    est, ucb = rule.bounds({"a": 5.0, "b": 10.0}, {"a": 25, "b": 25}, {"a": 0.5, "b": 0.5})
+    assert est == pytest.approx(0.3)
+    qa, qb = 5.5 / 26, 10.5 / 26
+    assert ucb == pytest.approx(0.3 + 2 * (0.25 * qa * (1 - qa) / 25 + 0.25 * qb * (1 - qb) / 25) ** 0.5)
+    # More examples, tighter bound.
+    assert rule.bounds({"a": 20.0}, {"a": 100}, {"a": 1.0})[1] < rule.bounds({"a": 5.0}, {"a": 25}, {"a": 1.0})[1]
