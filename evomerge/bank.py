@@ -46,6 +46,29 @@ class BankTensor:
     role: TensorRole
     reference: torch.Tensor
     deltas: list[torch.Tensor | None]  # None: the source *is* the reference (zero delta)
+    merged: bool = True  # False: outside a component merge, kept from the base bit for bit
+
+
+def component_source_name(name: str, component: dict[str, str] | None) -> str | None:
+    """The source tensor a base tensor reads in a component merge (None: not merged)."""
+    if component is None:
+        return name
+    for target_prefix, source_prefix in component.items():
+        if name.startswith(target_prefix):
+            return source_prefix + name[len(target_prefix):]
+    return None
+
+
+def _normalized(name: str) -> str:
+    """A checkpoint/module name with wrapper segments removed, so on-disk and in-memory names meet.
+
+    transformers 5 loads some checkpoints under other names than it saves (LLaVA's
+    `language_model.model.layers.0...` on disk is `model.language_model.layers.0...` in memory).
+    """
+    parts = [p for p in name.split(".") if p != "model"]
+    if parts[:2] == ["language_model", "lm_head"]:
+        parts = parts[1:]
+    return ".".join(parts)
 
 
 class SourceBank:
@@ -61,8 +84,11 @@ class SourceBank:
         allow_pickle: bool = False,
         progress: bool = False,
         compile: bool | None = None,
+        component: dict[str, str] | None = None,
     ):
-        """`compile`: fuse sparsified merges with torch.compile (None: when the model is large)."""
+        """`compile`: fuse sparsified merges with torch.compile (None: when the model is large).
+        `component`: merge only base tensors under these prefixes (see Recipe.component)."""
+        self.component = dict(component) if component else None
         self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         self.device = torch.device(device)
         self.sources = list(dict.fromkeys(str(s) for s in sources))
@@ -74,7 +100,11 @@ class SourceBank:
         self.model_type = ref_ckpt.model_type
         source_ckpts = [Checkpoint(s, allow_pickle=allow_pickle) for s in self.sources]
         names = ref_ckpt.names()
-        self.num_blocks = count_blocks(names, self.model_type)
+        merged_names = [n for n in names if component_source_name(n, self.component) is not None]
+        if not merged_names:
+            raise EvomergeError(f"component {self.component} matches no tensor of {reference_ref}; "
+                                f"its tensors start like {names[0]!r}")
+        self.num_blocks = count_blocks(merged_names, self.model_type)
         self.tensors: dict[str, BankTensor] = {}
         self._aids: dict[tuple, torch.Tensor] = {}
         self._stats: dict[tuple, object] = {}
@@ -86,13 +116,14 @@ class SourceBank:
             it = tqdm(names, desc="loading sources", unit="tensor")
         for name in it:
             ref = ref_ckpt.get(name, self.dtype, self.device)
+            src_name = component_source_name(name, self.component)
             deltas: list[torch.Tensor | None] = []
-            for ck in source_ckpts:
-                if ck.path == self.reference_path:
+            for ck in source_ckpts if src_name is not None else ():
+                if ck.path == self.reference_path:  # the base itself: a zero delta, whatever the mapping
                     deltas.append(None)
                 else:
-                    deltas.append(ck.get(name, self.dtype, self.device).sub_(ref))
-            self.tensors[name] = BankTensor(name, classify(name, self.model_type), ref, deltas)
+                    deltas.append(ck.get(src_name, self.dtype, self.device).sub_(ref))
+            self.tensors[name] = BankTensor(name, classify(name, self.model_type), ref, deltas, src_name is not None)
         self.num_params = sum(bt.reference.numel() for bt in self.tensors.values())
         self.compile = compile if compile is not None else self.num_params >= AUTO_COMPILE_PARAMS
 
@@ -100,8 +131,13 @@ class SourceBank:
         """Fail before reading any weights: every source must have the reference's tensors and shapes."""
         ref_shapes = ref_ckpt.shapes()
         for src, ck in zip(self.sources, source_ckpts):
+            if ck.path == self.reference_path:
+                continue
             shapes = ck.shapes()
-            for name, shape in ref_shapes.items():
+            for base_name, shape in ref_shapes.items():
+                name = component_source_name(base_name, self.component)
+                if name is None:
+                    continue
                 if name not in shapes:
                     raise EvomergeError(
                         f"tensor {name!r} is in {reference_ref} but missing from source {src}; "
@@ -166,6 +202,8 @@ class SourceBank:
     def source_indices(self, recipe: Recipe) -> list[int]:
         if recipe.base != self.base and recipe.merge_method.needs_base:
             raise EvomergeError(f"recipe base {recipe.base!r} differs from the bank's base {self.base!r}; build a bank for it")
+        if (recipe.component or None) != self.component:
+            raise EvomergeError(f"recipe component {recipe.component} differs from the bank's {self.component}; build a bank for it")
         out = []
         for s in recipe.sources:
             if s.model not in self.sources:
@@ -200,7 +238,9 @@ class SourceBank:
             return self.new_target(recipe.out_dtype or recipe.dtype)
         if isinstance(out, torch.nn.Module):
             state = out.state_dict(keep_vars=True)
-            missing = [n for n in self.tensors if n not in state]
+            by_norm = {_normalized(k): k for k in state}
+            keys = {n: n if n in state else by_norm.get(_normalized(n)) for n in self.tensors}
+            missing = [n for n, k in keys.items() if k is None]
             if missing:
                 raise EvomergeError(
                     f"target model has no tensor {missing[0]!r} (and {len(missing) - 1} more); "
@@ -209,7 +249,7 @@ class SourceBank:
             seen: set[int] = set()
             target = {}
             for n in self.tensors:
-                t = state[n].data
+                t = state[keys[n]].data
                 if t.data_ptr() in seen:  # tied weights: write once
                     continue
                 seen.add(t.data_ptr())
@@ -220,6 +260,9 @@ class SourceBank:
     def _materialize_tensor(self, recipe: Recipe, method: MergeMethod, idx: list[int], bt: BankTensor, dest: torch.Tensor) -> None:
         if dest.shape != bt.reference.shape:
             raise EvomergeError(f"target tensor {bt.name} has shape {tuple(dest.shape)}, expected {tuple(bt.reference.shape)}")
+        if not bt.merged:
+            dest.copy_(bt.reference)
+            return
         shared, per_source = recipe.resolve(bt.role, bt.name, self.num_blocks)
         stats: dict = {}
         if "slerp" in method.aids:

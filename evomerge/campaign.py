@@ -79,7 +79,8 @@ class CampaignRunner:
 
             rule = RacingRule(**self.c.racing) if self.c.racing else None
             worker = Worker(list(self.sources.values()), self.base, self.c.fitness, self.c.holdout,
-                            self.c.dtype, self.c.executor.get("device", "cpu"), rule, self.c.objectives[0].metrics)
+                            self.c.dtype, self.c.executor.get("device", "cpu"), rule, self.c.objectives[0].metrics,
+                            self.c.search_space.get("component"))
             if rule is not None:
                 unbounded = [ev.identity()["task"] for ev in worker.evaluators["fitness"] if not getattr(ev, "bounded", False)]
                 if unbounded:

@@ -9,6 +9,25 @@ from evomerge.checkpoint import Checkpoint, resolve_model_path
 from evomerge.errors import EvomergeError
 
 
+def is_vision_language(config) -> bool:
+    return getattr(config, "vision_config", None) is not None
+
+
+def new_model_and_processor(folder: str | Path, dtype=None):
+    """An uninitialised model with the folder's config (to materialize into) and its tokenizer/processor."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    if is_vision_language(config):
+        from transformers import AutoModelForImageTextToText
+
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype or torch.float32)
+        return model, AutoProcessor.from_pretrained(folder, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
+    return model, AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+
+
 def load_model(folder: str | Path, device: str = "cpu", allow_pickle: bool = False):
     """(model, tokenizer or processor) from a local folder; never runs remote code."""
     import torch
@@ -17,7 +36,7 @@ def load_model(folder: str | Path, device: str = "cpu", allow_pickle: bool = Fal
     path = resolve_model_path(folder)
     Checkpoint(path, allow_pickle=allow_pickle)  # refuses pickles unless opted in, before transformers sees them
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    if getattr(config, "vision_config", None) is not None:
+    if is_vision_language(config):
         from transformers import AutoModelForImageTextToText
 
         model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=False, dtype=torch.float32)

@@ -46,17 +46,15 @@ class Worker:
     """A SourceBank, one preallocated model and the evaluators: materialize + score, no disk I/O."""
 
     def __init__(self, sources: list[str], base: str | None, fitness: list[dict], holdout: list[dict],
-                 dtype: str = "float32", device: str = "cpu", racing=None, race_weights: dict | None = None):
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
+                 dtype: str = "float32", device: str = "cpu", racing=None, race_weights: dict | None = None,
+                 component: dict | None = None):
         from evaluators import build_evaluator
         from evomerge.bank import SourceBank
+        from evomerge.evaluate import new_model_and_processor
 
-        self.bank = SourceBank(sources, base, dtype=dtype, device=device)
-        reference = str(self.bank.reference_path)
-        self.tokenizer = AutoTokenizer.from_pretrained(reference)
-        config = AutoConfig.from_pretrained(reference)
-        self.model = AutoModelForCausalLM.from_config(config, dtype=self.bank.dtype).to(device).eval()
+        self.bank = SourceBank(sources, base, dtype=dtype, device=device, component=component)
+        model, self.tokenizer = new_model_and_processor(self.bank.reference_path, self.bank.dtype)
+        self.model = model.to(device).eval()
         self.evaluators = {
             "fitness": [build_evaluator(s, self.tokenizer, f"fitness[{i}]") for i, s in enumerate(fitness)],
             "holdout": [build_evaluator(s, self.tokenizer, f"holdout[{i}]") for i, s in enumerate(holdout)],

@@ -30,7 +30,7 @@ def merge_to_disk(
     """Materialize the recipe and write a model folder that `from_pretrained` loads."""
     bank = SourceBank(
         [s.model for s in recipe.sources], recipe.base, dtype=recipe.dtype, device=device,
-        allow_pickle=allow_pickle, progress=progress,
+        allow_pickle=allow_pickle, progress=progress, component=recipe.component,
     )
     out_dtype = recipe.out_dtype or recipe.dtype
     tensors = bank.materialize(recipe, bank.new_target(out_dtype))

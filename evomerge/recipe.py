@@ -58,6 +58,11 @@ class Recipe:
     dtype: str = "float32"
     out_dtype: str | None = None
     tokenizer_source: str | None = None  # a model path; defaults to the base (else the first source)
+    # Component merge: {base-name prefix: source-name prefix}. Only base tensors under one of these
+    # prefixes are merged (reading the sources' tensors under the mapped names); all other base tensors
+    # are kept bit for bit. EvoVLM-JP: {"language_model.": ""} merges a standalone LLM into LLaVA's
+    # language model and leaves the vision tower and projector untouched.
+    component: dict[str, str] | None = None
 
     # -- serialization ------------------------------------------------------------------------
 
@@ -72,7 +77,7 @@ class Recipe:
     def from_dict(cls, data: dict, origin: str = "recipe") -> "Recipe":
         if not isinstance(data, dict):
             raise EvomergeError(f"{origin}: expected a mapping at the top level, got {type(data).__name__}")
-        known = {"method", "sources", "base", "parameters", "seed", "dtype", "out_dtype", "tokenizer_source"}
+        known = {"method", "sources", "base", "parameters", "seed", "dtype", "out_dtype", "tokenizer_source", "component"}
         unknown = set(data) - known
         if unknown:
             raise EvomergeError(f"{origin}: unknown field(s) {sorted(unknown)}; allowed: {sorted(known)}")
@@ -100,6 +105,7 @@ class Recipe:
             dtype=str(data.get("dtype", "float32")),
             out_dtype=str(data["out_dtype"]) if data.get("out_dtype") else None,
             tokenizer_source=str(data["tokenizer_source"]) if data.get("tokenizer_source") else None,
+            component=dict(data["component"]) if data.get("component") else None,
         )
         recipe.validate(origin)
         return recipe
@@ -132,6 +138,12 @@ class Recipe:
         for key, val in (("dtype", self.dtype), ("out_dtype", self.out_dtype)):
             if val is not None and val not in DTYPES:
                 raise EvomergeError(f"{origin}: {key} {val!r} is not supported; choose one of {list(DTYPES)}")
+        if self.component is not None:
+            if not self.base:
+                raise EvomergeError(f"{origin}: 'component' maps sources into a base model; set 'base'")
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.component.items()):
+                raise EvomergeError(f"{origin}: 'component' must map base-name prefixes to source-name prefixes, "
+                                    "e.g. {'language_model.': ''}")
         if method.needs_base and not self.base:
             raise EvomergeError(f"{origin}: method {method.name!r} needs a 'base' model")
         n = len(self.sources)

@@ -93,3 +93,33 @@ def build_family(
         expert.load_state_dict(new_state)
         paths[f"expert{e}"] = save_model(expert, root / f"expert{e}", tokenizer, shard_size)
     return paths
+
+
+def build_tiny_llava(root: str | Path, seed: int = 0, with_llm: bool = True) -> dict[str, Path]:
+    """A randomly initialised tiny LLaVA (CLIP vision tower + Llama LM) with a working processor, and
+    optionally a standalone tiny Llama of the same text shape (a "language expert" to merge into it)."""
+    from transformers import (AutoModelForCausalLM, CLIPImageProcessor, CLIPVisionConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    root = Path(root)
+    torch.manual_seed(seed)
+    tok = char_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_token = tok.convert_tokens_to_ids("<image>")
+    text = tiny_config("llama", hidden=64, layers=2, vocab=len(tok), positions=512)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=32, patch_size=8, projection_dim=32)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token,
+                         vision_feature_layer=-1, vision_feature_select_strategy="default")
+    model = LlavaForConditionalGeneration(config)
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tok, patch_size=8, vision_feature_select_strategy="default", image_token="<image>",
+        num_additional_image_tokens=1,
+    )
+    paths = {"vlm": save_model(model, root / "vlm")}
+    processor.save_pretrained(paths["vlm"])
+    if with_llm:
+        llm = AutoModelForCausalLM.from_config(text)
+        paths["llm"] = save_model(llm, root / "llm", tok)
+    return paths

@@ -66,7 +66,9 @@ class ParameterSpace:
         fixed: dict | None = None,
         seed: int = 0,
         dtype: str = "float32",
+        component: dict | None = None,
     ):
+        self.component = component
         self.method = get_method(method)
         self.sources = sources
         self.base = base
@@ -82,7 +84,8 @@ class ParameterSpace:
     @classmethod
     def from_config(cls, space: dict, sources: dict[str, str], base: str | None, seed: int, dtype: str) -> "ParameterSpace":
         cells = layer_cells(base or next(iter(sources.values())), space["granularity"], bool(space.get("families")))
-        return cls(space["method"], sources, base, space["parameters"], cells, space.get("fixed"), seed, dtype)
+        return cls(space["method"], sources, base, space["parameters"], cells, space.get("fixed"), seed, dtype,
+                   space.get("component"))
 
     @property
     def dim(self) -> int:
@@ -114,12 +117,13 @@ class ParameterSpace:
                     rules.append({"value": float(np.mean(values))})  # tensors outside every cell
                     params[p] = rules
             sources.append({"model": ref, "parameters": params})
-        return Recipe.from_dict({
-            "method": self.method.name, "base": self.base, "sources": sources, "parameters": shared,
-            "seed": self.seed, "dtype": self.dtype,
-        } if self.base else {
-            "method": self.method.name, "sources": sources, "parameters": shared, "seed": self.seed, "dtype": self.dtype,
-        })
+        recipe = {"method": self.method.name, "sources": sources, "parameters": shared, "seed": self.seed,
+                  "dtype": self.dtype}
+        if self.base:
+            recipe["base"] = self.base
+        if self.component:
+            recipe["component"] = self.component
+        return Recipe.from_dict(recipe)
 
 
 def _rule(cell: Cell, value: float) -> dict:
