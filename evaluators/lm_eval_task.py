@@ -49,7 +49,7 @@ class LMEvalTask:
         )
         metrics = {}
         for key, value in out["results"][self.task].items():
-            if not isinstance(value, (int, float)) or key == "alias" or "_stderr" in key:
+            if not isinstance(value, (int, float)) or key in ("alias", "sample_len") or "_stderr" in key:
                 continue
             name = key.split(",")[0]
             if self.metrics and name not in self.metrics and key not in self.metrics:
