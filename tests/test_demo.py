@@ -45,19 +45,12 @@ def test_demo_winner_beats_sources_and_uniform_on_holdout(demo_run):
         assert not fit & held
 
 
-def test_nsga2_config_finds_a_front_of_at_least_three(demo_run, tmp_path):
+def test_nsga2_config_finds_a_front_of_at_least_three(demo_run, tmp_path, monkeypatch):
     cache, _, _ = demo_run
-    old = os.environ.get("EVOMERGE_CACHE")
-    os.environ["EVOMERGE_CACHE"] = str(cache)
-    try:
-        data = yaml.safe_load(open(os.path.join(ROOT, "experiments", "demo_nsga2.yaml")))
-        runner = CampaignRunner(parse_campaign(data), tmp_path / "nsga2", progress=False)
-        outcome = runner.run()
-    finally:
-        if old is None:
-            os.environ.pop("EVOMERGE_CACHE")
-        else:
-            os.environ["EVOMERGE_CACHE"] = old
+    monkeypatch.setenv("EVOMERGE_CACHE", str(cache))
+    data = yaml.safe_load(open(os.path.join(ROOT, "experiments", "demo_nsga2.yaml")))
+    runner = CampaignRunner(parse_campaign(data), tmp_path / "nsga2", progress=False)
+    outcome = runner.run()
     points = {tuple(sorted(m["objectives"].items())) for m in outcome.front}
     assert len(points) >= 3, points
     values = [dict(p) for p in points]
@@ -65,22 +58,15 @@ def test_nsga2_config_finds_a_front_of_at_least_three(demo_run, tmp_path):
     assert all("reverse_acc" in m["holdout"] for m in outcome.front)
 
 
-def test_racing_stops_hopeless_candidates_and_journals_them(demo_cache, tmp_path):
+def test_racing_stops_hopeless_candidates_and_journals_them(demo_cache, tmp_path, monkeypatch):
     from evomerge.campaign import campaign_status, front_rows
     from evomerge.journal import Journal
 
-    old = os.environ.get("EVOMERGE_CACHE")
-    os.environ["EVOMERGE_CACHE"] = str(demo_cache)
-    try:
-        data = yaml.safe_load(open(os.path.join(ROOT, "experiments", "demo.yaml")))
-        data.update(budget=35, racing={"stages": [0.25, 0.5], "z": 2.0})
-        runner = CampaignRunner(parse_campaign(data), tmp_path / "race", progress=False)
-        runner.run()
-    finally:
-        if old is None:
-            os.environ.pop("EVOMERGE_CACHE")
-        else:
-            os.environ["EVOMERGE_CACHE"] = old
+    monkeypatch.setenv("EVOMERGE_CACHE", str(demo_cache))
+    data = yaml.safe_load(open(os.path.join(ROOT, "experiments", "demo.yaml")))
+    data.update(budget=35, racing={"stages": [0.25, 0.5], "z": 2.0})
+    runner = CampaignRunner(parse_campaign(data), tmp_path / "race", progress=False)
+    runner.run()
     journal = Journal(tmp_path / "race")
     rows = journal.candidates()
     full = 300  # three fitness sets of 100
