@@ -139,7 +139,8 @@ class CampaignRunner:
                     values[slot] = objectives
                     if bar is not None:
                         bar.update(1)
-                        self._postfix(bar)
+                        if objectives is not None and not res.raced:
+                            self._postfix(bar, objectives)
                 self.optimizer.tell(genomes, [self.losses(values[s]) for s in range(len(genomes))])
                 self._checkpoint(g)
             self._evaluate_holdout()
@@ -203,15 +204,23 @@ class CampaignRunner:
         self._postfix(bar)
         return bar
 
-    def _postfix(self, bar) -> None:
-        rows = self.journal.candidates("done")
-        if not rows:
-            return
-        best = {}
+    def _postfix(self, bar, objectives: dict | None = None) -> None:
+        """Best-so-far per objective on the bar; kept in memory, not re-read from the journal."""
+        if objectives is None:  # start: seed from what the journal already holds
+            self._best: dict[str, float] = {}
+            for r in self.journal.candidates("done"):
+                self._postfix_update(r.objectives)
+        else:
+            self._postfix_update(objectives)
+        if self._best:
+            bar.set_postfix(best={k: f"{v:.4g}" for k, v in self._best.items()}, refresh=False)
+
+    def _postfix_update(self, objectives: dict) -> None:
         for o in self.c.objectives:
-            vals = [r.objectives[o.name] for r in rows]
-            best[o.name] = f"{(max(vals) if o.direction == 'maximize' else min(vals)):.4g}"
-        bar.set_postfix(best=best, refresh=False)
+            v = objectives[o.name]
+            old = self._best.get(o.name)
+            if old is None or (v > old if o.direction == "maximize" else v < old):
+                self._best[o.name] = v
 
 
 def front_rows(journal: Journal, campaign: Campaign):
