@@ -197,19 +197,34 @@ class MGSM:
                 "generation": asdict(self.settings), "answer": "last number; truncated = wrong",
                 "language_check": (f"script share >= {self.language_threshold}" if self.language_check else None)}
 
-    def score(self, model) -> dict[str, float]:
-        prompts = [build_prompt(q, self.lang, self.shots) for q, _ in self.items]
+    @property
+    def n(self) -> int:
+        return len(self.items)
+
+    def _judge(self, model, items) -> list[tuple[bool, bool, bool]]:
+        """(correct, truncated, in language) per problem."""
+        prompts = [build_prompt(q, self.lang, self.shots) for q, _ in items]
         outputs = generate(model, self.tokenizer, prompts, self.settings)
-        correct = truncated = lang_ok = 0
         self.last_outputs = outputs
-        for (text, trunc), (_, gold) in zip(outputs, self.items):
+        verdicts = []
+        for (text, trunc), (_, gold) in zip(outputs, items):
             pred = extract_answer(text)
             in_lang = script_share(text, self.lang) >= self.language_threshold if self.lang in SCRIPTS else True
-            lang_ok += in_lang
-            truncated += trunc
             ok = pred is not None and abs(pred - gold) < 1e-6 and not trunc
             if self.language_check:
                 ok = ok and in_lang
-            correct += ok
-        n = max(1, len(self.items))
-        return {self.metric: correct / n, f"{self.metric}_truncated": truncated / n, f"{self.metric}_in_language": lang_ok / n}
+            verdicts.append((ok, trunc, in_lang))
+        return verdicts
+
+    def score(self, model) -> dict[str, float]:
+        verdicts = self._judge(model, self.items)
+        n = max(1, len(verdicts))
+        return {self.metric: sum(v[0] for v in verdicts) / n, f"{self.metric}_truncated": sum(v[1] for v in verdicts) / n,
+                f"{self.metric}_in_language": sum(v[2] for v in verdicts) / n}
+
+    # Racing: accuracy is a mean of 0/1 verdicts, so problems can be scored a slice at a time.
+    bounded = True
+
+    def score_examples(self, model, start: int, end: int) -> dict[str, torch.Tensor]:
+        verdicts = self._judge(model, self.items[start:end])
+        return {self.metric: torch.tensor([float(v[0]) for v in verdicts])}

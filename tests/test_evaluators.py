@@ -97,6 +97,18 @@ def test_truncated_answer_never_counts(overfit_mgsm):
     assert short["mgsm_en"] == 0.0 and short["mgsm_en_truncated"] == 1.0
 
 
+def test_mgsm_racing_stops_a_hopeless_model_early(overfit_mgsm):
+    from evomerge.racing import RacingRule, race
+
+    model, tok, _ = overfit_mgsm
+    unseen = MGSM(tok, lang="en", rows=[4, 20], max_new_tokens=24, batch_size=4)
+    metrics, examples, stopped = race([unseen], model, {"mgsm_en": 1.0}, incumbent=0.9, rule=RacingRule())
+    assert stopped and examples == 4 and metrics["mgsm_en"] == 0.0  # 4 of 16 problems were enough
+    seen = MGSM(tok, lang="en", rows=[0, 4], max_new_tokens=24, batch_size=4)
+    metrics, examples, stopped = race([seen], model, {"mgsm_en": 1.0}, incumbent=0.9, rule=RacingRule())
+    assert not stopped and examples == 4 and metrics["mgsm_en"] == 1.0
+
+
 def test_mgsm_user_jsonl_and_language_check(overfit_mgsm, tmp_path):
     model, tok, _ = overfit_mgsm
     rows = load_rows("en")[:4]
@@ -226,3 +238,7 @@ def test_lm_eval_in_memory_equals_lm_eval_itself(demo_cache, tmp_path):
         key = next(k for k in theirs if k.startswith(metric + ",") and "stderr" not in k)
         assert ours[f"{name}/{key.replace(',none', '')}"] == pytest.approx(theirs[key])
         assert theirs[key] > 0.5  # a real signal: the reverse expert solves these
+    # The same through the command line.
+    res = cli("eval", model_dir, "--task", "lm_eval:evo_reverse_mc", "--include-path", tasks, "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1])["metrics"]["evo_reverse_mc/acc"] == pytest.approx(theirs[key])
