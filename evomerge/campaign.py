@@ -237,12 +237,18 @@ def front_members(journal: Journal, campaign: Campaign) -> list[dict]:
     return out
 
 
-def campaign_status(folder: str | Path) -> dict:
+def open_campaign(folder: str | Path) -> tuple[Journal, Campaign]:
+    """The journal of an existing campaign folder and the config it was started with."""
     folder = Path(folder)
-    if not Journal.exists(folder):
-        raise EvomergeError(f"{folder} holds no campaign journal (journal.sqlite); start one with `evomerge run CONFIG --out {folder}`")
+    if not Journal.exists(folder):  # checked first: opening a Journal would create the folder
+        raise EvomergeError(f"{folder} holds no campaign journal (journal.sqlite); "
+                            f"start one with `evomerge run CONFIG --out {folder}`")
     journal = Journal(folder)
-    campaign = parse_campaign(journal.get("config"), f"{folder}/journal")
+    return journal, parse_campaign(journal.get("config"), f"{folder}/journal")
+
+
+def campaign_status(folder: str | Path) -> dict:
+    journal, campaign = open_campaign(folder)
     rows = journal.candidates()
     done_rows = [r for r in rows if r.status == "done"]
     best = {}
@@ -275,11 +281,7 @@ def run_campaign(config_path: str | Path, out: str | Path, progress: bool = True
 
 
 def resume_campaign(folder: str | Path, progress: bool = True) -> Outcome:
-    folder = Path(folder)
-    if not Journal.exists(folder):
-        raise EvomergeError(f"{folder} holds no campaign journal (journal.sqlite); nothing to resume")
-    journal = Journal(folder)
-    raw = journal.get("config")
+    journal, campaign = open_campaign(folder)
     journal.close()
-    return CampaignRunner(parse_campaign(raw, f"{folder}/journal"), folder, progress=progress).run()
+    return CampaignRunner(campaign, folder, progress=progress).run()
 

@@ -68,15 +68,9 @@ def _status(args: argparse.Namespace) -> None:
 
 
 def _front(args: argparse.Namespace) -> None:
-    from evomerge.campaign import front_members
-    from evomerge.config import parse_campaign
-    from evomerge.errors import EvomergeError
-    from evomerge.journal import Journal
+    from evomerge.campaign import front_members, open_campaign
 
-    if not Journal.exists(args.dir):
-        raise EvomergeError(f"{args.dir} holds no campaign journal (journal.sqlite)")
-    journal = Journal(args.dir)
-    members = front_members(journal, parse_campaign(journal.get("config")))
+    members = front_members(*open_campaign(args.dir))
     if args.json:
         print(json.dumps([{k: m[k] for k in ("id", "objectives", "holdout", "recipe", "generation", "metrics")}
                           for m in members]))
@@ -131,18 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="campaign folder (journal.sqlite lives here)")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=_run)
-    r = sub.add_parser("resume", help="continue a stopped or killed campaign exactly where it was")
-    r.add_argument("dir")
-    r.add_argument("--quiet", action="store_true")
-    r.set_defaults(func=_resume)
-    r = sub.add_parser("status", help="progress of a campaign")
-    r.add_argument("dir")
-    r.add_argument("--json", action="store_true")
-    r.set_defaults(func=_status)
-    r = sub.add_parser("front", help="the Pareto front of a campaign")
-    r.add_argument("dir")
-    r.add_argument("--json", action="store_true")
-    r.set_defaults(func=_front)
+    for name, func, flag, text in (
+        ("resume", _resume, "--quiet", "continue a stopped or killed campaign exactly where it was"),
+        ("status", _status, "--json", "progress of a campaign"),
+        ("front", _front, "--json", "the Pareto front of a campaign"),
+    ):
+        r = sub.add_parser(name, help=text)
+        r.add_argument("dir", help="campaign folder")
+        r.add_argument(flag, action="store_true")
+        r.set_defaults(func=func)
     r = sub.add_parser("demo", help="train a tiny model family locally and run a real merge campaign on it")
     r.add_argument("--out", default="runs/demo")
     r.add_argument("--budget", type=int, default=None, help="candidates (default: experiments/demo.yaml's)")

@@ -13,38 +13,35 @@ def is_vision_language(config) -> bool:
     return getattr(config, "vision_config", None) is not None
 
 
-def new_model_and_processor(folder: str | Path, dtype=None):
-    """An uninitialised model with the folder's config (to materialize into) and its tokenizer/processor."""
-    import torch
+def _auto_classes(folder: str | Path):
+    """(config, model class, processor) for a folder: vision-language models get their processor."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     if is_vision_language(config):
         from transformers import AutoModelForImageTextToText
 
-        model = AutoModelForImageTextToText.from_config(config, dtype=dtype or torch.float32)
-        return model, AutoProcessor.from_pretrained(folder, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)
-    return model, AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        return config, AutoModelForImageTextToText, AutoProcessor.from_pretrained(folder, trust_remote_code=False)
+    return config, AutoModelForCausalLM, AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+
+
+def new_model_and_processor(folder: str | Path, dtype=None):
+    """An uninitialised model with the folder's config (to materialize into) and its tokenizer/processor."""
+    import torch
+
+    config, model_cls, processor = _auto_classes(folder)
+    return model_cls.from_config(config, dtype=dtype or torch.float32), processor
 
 
 def load_model(folder: str | Path, device: str = "cpu", allow_pickle: bool = False):
     """(model, tokenizer or processor) from a local folder; never runs remote code."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
 
     path = resolve_model_path(folder)
     Checkpoint(path, allow_pickle=allow_pickle)  # refuses pickles unless opted in, before transformers sees them
-    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    if is_vision_language(config):
-        from transformers import AutoModelForImageTextToText
-
-        model = AutoModelForImageTextToText.from_pretrained(path, trust_remote_code=False, dtype=torch.float32)
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=False)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False, dtype=torch.float32,
-                                                     use_safetensors=not allow_pickle)
-        processor = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    _, model_cls, processor = _auto_classes(path)
+    model = model_cls.from_pretrained(path, trust_remote_code=False, dtype=torch.float32,
+                                      use_safetensors=not allow_pickle)
     return model.to(device).eval(), processor
 
 
