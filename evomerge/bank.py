@@ -174,13 +174,12 @@ class SourceBank:
             self._aids[key] = magnitude_rank(self._delta(bt, i))
         return self._aids[key]
 
-    def _field(self, bt: BankTensor, i: int, seed: int) -> torch.Tensor:
-        key = ("field", bt.name, i)
-        cached = self._aids.get(key)
-        if cached is None or self._stats.get(("field_seed", bt.name, i)) != seed:
-            field = drop_field(bt.reference.shape, tensor_seed(seed, self.sources[i], bt.name)).to(self.device)
-            self._aids[key] = field
-            self._stats[("field_seed", bt.name, i)] = seed
+    def _field(self, bt: BankTensor, position: int, seed: int) -> torch.Tensor:
+        """DARE's field for the source at `position` in the recipe (one seed cached per slot)."""
+        key = ("field", bt.name, position)
+        if self._aids.get(key) is None or self._stats.get(("field_seed", bt.name, position)) != seed:
+            self._aids[key] = drop_field(bt.reference.shape, tensor_seed(seed, position, bt.name)).to(self.device)
+            self._stats[("field_seed", bt.name, position)] = seed
         return self._aids[key]
 
     def _slerp_stats(self, bt: BankTensor, i: int) -> tuple:
@@ -280,7 +279,7 @@ class SourceBank:
             if keep.kind == "rank":
                 aids[j] = self._rank(bt, i)
             elif keep.kind == "field":
-                aids[j] = self._field(bt, i, recipe.seed)
+                aids[j] = self._field(bt, j, recipe.seed)
         keeps = rescaled_keeps(plan, deltas, aids)
         if self._fused(method, bt, idx, plan, keeps, recipe.seed, dest):
             return
@@ -321,9 +320,9 @@ class SourceBank:
             return False
         n = bt.reference.numel()
         aids, lo, hi = [], [], []
-        for i, keep in zip(idx, keeps):
+        for j, (i, keep) in enumerate(zip(idx, keeps)):
             if method.sparsify == "random":
-                aids.append(self._field(bt, i, seed))
+                aids.append(self._field(bt, j, seed))
                 bounds = {"all": FIELD_ALL, "none": (FIELD_ALL[0], FIELD_ALL[0])}.get(keep.kind, (FIELD_ALL[0], keep.hi))
             else:
                 aids.append(self._rank(bt, i))

@@ -39,9 +39,12 @@ def magnitude_rank(delta: torch.Tensor) -> torch.Tensor:
     return rank.reshape(delta.shape)
 
 
-def tensor_seed(seed: int, source: str, tensor: str) -> int:
-    """A stable 63-bit seed per (recipe seed, source, tensor): DARE rebuilds bit-identically."""
-    h = hashlib.blake2b(f"{seed}\0{source}\0{tensor}".encode(), digest_size=8).digest()
+def tensor_seed(seed: int, position: int, tensor: str) -> int:
+    """A stable 63-bit seed per (recipe seed, source position in the recipe, tensor name).
+
+    Not the source's path: a recipe must rebuild bit-identically after its models are moved.
+    """
+    h = hashlib.blake2b(f"{seed}\0{position}\0{tensor}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
 
 
@@ -412,7 +415,6 @@ def merge_tensor(
     per_source: list[dict],
     *,
     seed: int = 0,
-    source_names: list[str] | None = None,
     tensor_name: str = "",
 ) -> torch.Tensor:
     """Merge one tensor from scratch (reference implementation; the bank reuses its aids)."""
@@ -420,13 +422,12 @@ def merge_tensor(
     work = torch.float64 if reference.dtype == torch.float64 else torch.float32
     ref = reference.to(work)
     deltas = [s.to(work) - ref for s in sources]
-    names = source_names or [str(i) for i in range(len(sources))]
     aids: list[torch.Tensor | None] = [None] * len(deltas)
     stats: dict = {}
     if "rank" in method.aids:
         aids = [magnitude_rank(d) for d in deltas]
     if "field" in method.aids:
-        aids = [drop_field(d.shape, tensor_seed(seed, nm, tensor_name)) for d, nm in zip(deltas, names)]
+        aids = [drop_field(d.shape, tensor_seed(seed, pos, tensor_name)) for pos, d in enumerate(deltas)]
     if "slerp" in method.aids:
         stats["slerp"] = (ref.norm(), sources[0].to(work).norm(), (ref * sources[0].to(work)).sum())
     if "cosine" in method.aids:

@@ -150,11 +150,13 @@ def test_dare_ties_keeps_density_fraction(llama_family):
                                "sources": [{"model": str(fam["expert0"]), "parameters": {"weight": 1.0, "density": 0.3}}]})
     bank = SourceBank([str(fam["expert0"])], str(fam["base"]))
     out = bank.materialize(recipe)
-    name = "model.layers.2.mlp.up_proj.weight"
-    bt = bank.tensors[name]
-    changed = (out[name] != bt.reference)
-    moved = bt.deltas[0] != 0
-    frac = (changed & moved).sum() / moved.sum()
-    assert abs(frac.item() - 0.3) < 0.02
-    # Without rescale, a survivor is exactly the source's value.
-    assert torch.equal(out[name][changed], (bt.reference + bt.deltas[0])[changed])
+    kept = total = 0
+    for name, bt in bank.tensors.items():
+        changed = out[name] != bt.reference
+        moved = bt.deltas[0] != 0
+        kept += int((changed & moved).sum())
+        total += int(moved.sum())
+        # Without rescale, a survivor is exactly the source's value.
+        assert torch.equal(out[name][changed], (bt.reference + bt.deltas[0])[changed])
+    # Pooled over the whole model (~30k moved elements): within 4 standard deviations of 0.3.
+    assert abs(kept / total - 0.3) < 4 * (0.3 * 0.7 / total) ** 0.5
