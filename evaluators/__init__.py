@@ -3,7 +3,10 @@
 One protocol: an evaluator is built from a spec and a tokenizer (or processor), then
 `score(model) -> {metric: value}` scores the in-memory model, and `identity()` says what was
 measured — task, split, number of examples, generation settings — which the journal stores with
-every score. Specs, as a campaign config or `evomerge eval` writes them:
+every score. `examples_key()` names the data and rows scored (a campaign refuses fitness and
+held-out sets that share examples), `metric_names()` the metrics it will produce (None when only
+a run can tell), so a campaign checks its objectives before loading any weight. Specs, as a
+campaign config or `evomerge eval` writes them:
 
     {task: "synthetic:reverse", split: fitness, n: 100}           # exact match, teacher-forced
     {task: "synthetic-logprob:sort", split: fitness, n: 64}       # mean answer log-probability
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, close_match
 
 
 class Evaluator(Protocol):
@@ -26,10 +29,14 @@ class Evaluator(Protocol):
 
     def score(self, model: Any) -> dict[str, float]: ...
 
+    def examples_key(self) -> tuple[str, set[int] | None]: ...
+
+    def metric_names(self) -> set[str] | None: ...
+
 
 _KEYS = {
     "synthetic": {"task", "split", "n", "seed"},
-    "mgsm": {"task", "lang", "split", "rows", "shots", "jsonl", "language_check", "language_threshold", "limit",
+    "mgsm": {"task", "lang", "split", "rows", "shots", "shot_rows", "jsonl", "language_check", "language_threshold", "limit",
              "max_new_tokens", "batch_size", "stop"},
     "lm_eval": {"task", "metrics", "limit", "include_path", "num_fewshot", "batch_size", "split"},
     "perplexity": {"task", "path", "field", "max_length", "batch_size", "limit", "split"},
@@ -44,43 +51,45 @@ def build_evaluator(spec: dict, tokenizer, where: str = "fitness") -> Evaluator:
     kind, _, name = task.partition(":")
     family = "synthetic" if kind in ("synthetic", "synthetic-logprob") else kind
     if family not in _KEYS:
-        raise EvomergeError(f"config field '{where}.task': bad value {task!r}; allowed: {', '.join(TASKS)}")
+        raise EvomergeError(f"config field '{where}.task': bad value {task!r}; allowed: {', '.join(TASKS)}"
+                            f"{close_match(kind, _KEYS)}")
     unknown = set(spec) - _KEYS[family]
     if unknown:
         raise EvomergeError(f"config field '{where}': unknown key(s) {sorted(unknown)} for {family}; "
-                            f"allowed: {sorted(_KEYS[family])}")
+                            f"allowed: {sorted(_KEYS[family])}{close_match(sorted(unknown)[0], _KEYS[family])}")
     args = {k: v for k, v in spec.items() if k != "task"}
     try:
         if family == "synthetic":
-            from evaluators.synthetic import TASKS as SYNTHETIC, SyntheticLogprob, SyntheticTask
+            from evomerge.evaluators.synthetic import TASKS as SYNTHETIC, SyntheticLogprob, SyntheticTask
 
             if name not in SYNTHETIC:
-                raise EvomergeError(f"config field '{where}.task': bad value {task!r}; allowed tasks: {', '.join(SYNTHETIC)}")
+                raise EvomergeError(f"config field '{where}.task': bad value {task!r}; allowed tasks: {', '.join(SYNTHETIC)}"
+                                    f"{close_match(name, SYNTHETIC)}")
             cls = SyntheticTask if kind == "synthetic" else SyntheticLogprob
-            return cls(name, str(args.get("split", "fitness")), int(args.get("n", 100)), tokenizer, int(args.get("seed", 0)))
+            return cls(name, str(args.get("split", "fitness")), args.get("n", 100), tokenizer, args.get("seed", 0))
         if family == "mgsm":
-            from evaluators.mgsm import MGSM
+            from evomerge.evaluators.mgsm import MGSM
 
             if name:
                 args.setdefault("lang", name)
             return MGSM(tokenizer, **args)
         if family == "lm_eval":
-            from evaluators.lm_eval_task import LMEvalTask
+            from evomerge.evaluators.lm_eval_task import LMEvalTask
 
             if not name:
                 raise EvomergeError(f"config field '{where}.task': write lm_eval:<task name>, e.g. lm_eval:arc_easy")
             return LMEvalTask(tokenizer, name, **args)
         if family == "perplexity":
-            from evaluators.perplexity import Perplexity
+            from evomerge.evaluators.perplexity import Perplexity
 
             if "path" not in args:
                 raise EvomergeError(f"config field '{where}.path' is missing: the text or JSONL file to score")
             args.pop("split", None)
             return Perplexity(tokenizer, **args)
-        from evaluators.vqa import VQA
+        from evomerge.evaluators.vqa import VQA
 
         if "path" not in args:
             raise EvomergeError(f"config field '{where}.path' is missing: the VQA JSONL file")
         return VQA(tokenizer, **args)
-    except (ValueError, TypeError) as exc:
-        raise EvomergeError(f"config field '{where}': {exc}") from None
+    except (ValueError, TypeError, OSError) as exc:
+        raise EvomergeError(f"config field '{where}': {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None

@@ -32,6 +32,19 @@ class LMEvalTask:
         if task not in self.task_manager.all_tasks:
             raise ValueError(f"lm-eval has no task {task!r}" + ("" if include_path else "; local tasks need include_path"))
         self.split = split  # informational: lm-eval tasks fix their own split in the task YAML
+        try:  # load the data now: a data set missing from the offline cache is one line before any weight loads
+            self.task_manager.load([task])
+        except Exception as exc:
+            raise ValueError(f"lm-eval task {task!r} could not load its data ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); offline, its data set must be "
+                             "in the datasets cache (run the task once with network access) or be local "
+                             "(a task YAML under include_path with local data files)") from None
+
+    def examples_key(self) -> tuple[str, None]:
+        return f"lm_eval:{self.task}", None  # the task fixes its split: the same task twice is the same data
+
+    def metric_names(self) -> None:
+        return None  # lm-eval names its metrics when it runs
 
     def identity(self) -> dict:
         return {"task": f"lm_eval:{self.task}", "split": self.split or "task default", "n": self.limit or "all",

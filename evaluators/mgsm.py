@@ -4,6 +4,11 @@ The data (250 problems x 11 languages, CC BY 4.0, Shi et al. 2022) ships in
 `evaluators/data/mgsm/` with its license. Row i is the same problem in every language, so a row
 range is a split across languages: by default "search" = rows 0-99, "holdout" = rows 100-249.
 
+Few-shot exemplars (`shots: k`) never come from rows a campaign holds out: by default they are
+the last k rows of the evaluated range itself, left out of scoring (so no problem is its own
+exemplar and nothing outside the split enters a prompt); `shot_rows: a-b` picks them explicitly,
+and a campaign refuses exemplar rows that overlap its held-out rows. The identity records them.
+
 A generation is correct when the last number in it equals the reference answer and the model
 stopped on its own (EOS or a stop string) before `max_new_tokens`; a truncated generation never
 counts, so a merge cannot "win" by rambling until a lucky number appears. With
@@ -89,27 +94,46 @@ def load_rows(lang: str) -> list[tuple[str, float]]:
 
 def load_jsonl(path: str | Path) -> list[tuple[str, float]]:
     """User-supplied problems: one {"question": ..., "answer": number} per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"MGSM jsonl {path} does not exist")
     rows = []
-    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines()):
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
         if not line.strip():
             continue
-        item = json.loads(line)
-        if "question" not in item or "answer" not in item:
-            raise ValueError(f"{path}:{i + 1}: each line needs 'question' and 'answer'")
-        rows.append((str(item["question"]), float(str(item["answer"]).replace(",", ""))))
+        try:
+            item = json.loads(line)
+            if not isinstance(item, dict) or "question" not in item or "answer" not in item:
+                raise ValueError("each line needs 'question' and 'answer'")
+            rows.append((str(item["question"]), float(str(item["answer"]).replace(",", ""))))
+        except ValueError as exc:
+            raise ValueError(f"{path}:{i + 1}: {str(exc).splitlines()[0]} (expected {{\"question\": ..., \"answer\": number}})") from None
+    if not rows:
+        raise ValueError(f"MGSM jsonl {path} holds no problems")
     return rows
 
 
-def parse_rows(split: str | None, rows: list[int] | None) -> tuple[int, int]:
+def parse_rows(split: str | None, rows: list[int] | None, total: int = 250) -> tuple[int, int]:
+    """[start, end) of a split name or row range, checked against the `total` rows there are."""
     if rows is not None:
-        return int(rows[0]), int(rows[1])
-    split = split or "search"
-    if split in SPLITS:
-        return SPLITS[split]
-    m = re.fullmatch(r"(\d+)-(\d+)", split)
-    if not m:
-        raise ValueError(f"MGSM split {split!r}: use search, holdout, all, or a row range like 0-99")
-    return int(m.group(1)), int(m.group(2)) + 1
+        if not (isinstance(rows, list) and len(rows) == 2 and all(isinstance(r, int) for r in rows)):
+            raise ValueError(f"MGSM rows {rows!r}: write [start, end) row numbers, e.g. [0, 100]")
+        start, end = rows[0], rows[1]
+        label = f"rows {rows}"
+    else:
+        split = split or "search"
+        if split in SPLITS:
+            start, end = SPLITS[split]
+        else:
+            m = re.fullmatch(r"(\d+)-(\d+)", str(split))
+            if not m:
+                raise ValueError(f"MGSM split {split!r}: use search, holdout, all, or a row range like 0-99")
+            start, end = int(m.group(1)), int(m.group(2)) + 1
+        label = f"split {split!r}"
+    if not (0 <= start < end <= total):
+        raise ValueError(f"MGSM {label} selects rows {start}-{end - 1}, outside the data (rows 0-{total - 1}); "
+                         f"use a range inside 0-{total - 1}")
+    return start, end
 
 
 @dataclass
@@ -118,6 +142,14 @@ class GenerationSettings:
     batch_size: int = 16
     stop: list[str] = field(default_factory=lambda: ["\n\n", "Question:", "問題："])
     do_sample: bool = False
+
+    def __post_init__(self):
+        for key in ("max_new_tokens", "batch_size"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{key} {v!r}: a positive integer")
+        if not (isinstance(self.stop, list) and all(isinstance(x, str) for x in self.stop)):
+            raise ValueError(f"stop {self.stop!r}: a list of strings")
 
 
 def build_prompt(question: str, lang: str, shots: list[tuple[str, float]]) -> str:
@@ -170,32 +202,63 @@ class MGSM:
     """Accuracy on MGSM (or a user JSONL set) in one language: {mgsm_<lang>: accuracy, ...}."""
 
     def __init__(self, tokenizer, lang: str = "ja", split: str | None = "search", rows: list[int] | None = None,
-                 shots: int = 0, jsonl: str | None = None, language_check: bool = False,
-                 language_threshold: float = 0.5, limit: int | None = None, **generation):
+                 shots: int = 0, shot_rows: str | list[int] | None = None, jsonl: str | None = None,
+                 language_check: bool = False, language_threshold: float = 0.5, limit: int | None = None,
+                 **generation):
+        if not isinstance(shots, int) or isinstance(shots, bool) or shots < 0:
+            raise ValueError(f"MGSM shots {shots!r}: a non-negative integer")
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+            raise ValueError(f"MGSM limit {limit!r}: a positive integer")
         self.tokenizer = tokenizer
         self.lang = lang
         self.settings = GenerationSettings(**generation)
         if jsonl:
             problems = load_jsonl(jsonl)
+            self.dataset = f"jsonl:{Path(jsonl).resolve()}"
             self.split_name = f"jsonl:{Path(jsonl).name}"
             start, end = 0, len(problems)
         else:
             problems = load_rows(lang)
-            start, end = parse_rows(split, rows)
+            self.dataset = "mgsm"  # row i is the same problem in every language
+            start, end = parse_rows(split, rows, len(problems))
             self.split_name = f"rows {start}-{end - 1}"
-        self.items = problems[start:end][:limit]
-        pool = load_rows(lang) if not jsonl else problems
-        # Few-shot exemplars come from outside the evaluated rows (the end of the set).
-        candidates = [p for i, p in enumerate(pool) if jsonl or not (start <= i < end)]
-        self.shots = candidates[len(candidates) - shots :] if shots else []
+        evaluated = list(range(start, end))
+        if shot_rows is not None:
+            a, b = parse_rows(str(shot_rows) if not isinstance(shot_rows, list) else None,
+                              shot_rows if isinstance(shot_rows, list) else None, len(problems))
+            self.shot_rows = list(range(a, b))[-shots:] if shots else []
+            if len(self.shot_rows) < shots:
+                raise ValueError(f"MGSM shot_rows {shot_rows!r} hold {b - a} rows; shots {shots} needs that many")
+            if set(self.shot_rows) & set(evaluated):
+                raise ValueError(f"MGSM shot_rows {shot_rows!r} overlap the evaluated rows {start}-{end - 1}; "
+                                 "exemplars must come from other rows")
+        else:  # leave-out: the split's own last rows serve as exemplars and are not scored
+            if shots >= len(evaluated):
+                raise ValueError(f"MGSM shots {shots} leaves no problem to score in rows {start}-{end - 1}")
+            self.shot_rows = evaluated[len(evaluated) - shots:] if shots else []
+            evaluated = evaluated[: len(evaluated) - shots]
+        self.rows = evaluated[:limit]
+        self.items = [problems[i] for i in self.rows]
+        self.shots = [problems[i] for i in self.shot_rows]
         self.language_check = language_check
         self.language_threshold = language_threshold
         self.metric = f"mgsm_{lang}"
 
     def identity(self) -> dict:
         return {"task": f"mgsm:{self.lang}", "split": self.split_name, "n": len(self.items), "shots": len(self.shots),
-                "generation": asdict(self.settings), "answer": "last number; truncated = wrong",
+                "shot_rows": self.shot_rows, "generation": asdict(self.settings),
+                "answer": "last number; truncated = wrong",
                 "language_check": (f"script share >= {self.language_threshold}" if self.language_check else None)}
+
+    def examples_key(self) -> tuple[str, set[int]]:
+        """(data set, rows scored): what a campaign checks for overlap between fitness and held-out."""
+        return self.dataset, set(self.rows)
+
+    def exemplar_key(self) -> tuple[str, set[int]]:
+        return self.dataset, set(self.shot_rows)
+
+    def metric_names(self) -> set[str]:
+        return {self.metric, f"{self.metric}_truncated", f"{self.metric}_in_language"}
 
     @property
     def n(self) -> int:
@@ -218,7 +281,7 @@ class MGSM:
 
     def score(self, model) -> dict[str, float]:
         verdicts = self._judge(model, self.items)
-        n = max(1, len(verdicts))
+        n = len(verdicts)
         return {self.metric: sum(v[0] for v in verdicts) / n, f"{self.metric}_truncated": sum(v[1] for v in verdicts) / n,
                 f"{self.metric}_in_language": sum(v[2] for v in verdicts) / n}
 

@@ -17,8 +17,11 @@ def read_texts(path: str | Path, field: str = "text") -> list[str]:
         out = []
         for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
             if line.strip():
-                item = json.loads(line)
-                if field not in item:
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}:{i + 1}: not JSON ({exc.msg})") from None
+                if not isinstance(item, dict) or field not in item:
                     raise ValueError(f"{path}:{i + 1}: no {field!r} field (set `field:` to the one that holds the text)")
                 out.append(str(item[field]))
         return out
@@ -40,6 +43,12 @@ class Perplexity:
             raise ValueError(f"perplexity data {path} holds no text of two or more tokens")
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.n_texts = len(texts)
+
+    def examples_key(self) -> tuple[str, None]:
+        return f"text:{Path(self.path).resolve()}", None  # None: every text in the file
+
+    def metric_names(self) -> set[str]:
+        return {"perplexity", "loglik"}
 
     def identity(self) -> dict:
         return {"task": "perplexity", "split": Path(self.path).name, "n": self.n_texts, "chunks": len(self.sequences),

@@ -91,8 +91,18 @@ class SyntheticTask:
     """Scores a model on one synthetic task and split: {task: exact-match accuracy}."""
 
     def __init__(self, task: str, split: str, n: int, tokenizer, seed: int = 0):
-        self.task, self.split, self.n = task, split, n
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"n {n!r}: a positive number of examples")
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"seed {seed!r}: an integer")
+        self.task, self.split, self.n, self.seed = task, split, n, seed
         self.batch = encode(tokenizer, examples(task, split, n, seed))
+
+    def examples_key(self) -> tuple[str, set[int]]:
+        return f"synthetic:{self.task}:{self.split}:{self.seed}", set(range(self.n))
+
+    def metric_names(self) -> set[str]:
+        return {self.task}
 
     def identity(self) -> dict:
         return {"task": f"synthetic:{self.task}", "split": self.split, "n": self.n, "scoring": "teacher-forced exact match"}
@@ -126,6 +136,9 @@ class SyntheticLogprob(SyntheticTask):
 
     def identity(self) -> dict:
         return {**super().identity(), "scoring": "teacher-forced answer log-probability"}
+
+    def metric_names(self) -> set[str]:
+        return {f"{self.task}_logprob"}
 
     def score(self, model) -> dict[str, float]:
         return {f"{self.task}_logprob": float(answer_logprob(model, self.batch).mean())}

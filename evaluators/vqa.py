@@ -1,7 +1,7 @@
 """VQA for LLaVA-family models: batched greedy answers, scored by ROUGE-L F1 against references.
 
 Data: a JSONL file of {"image": path (relative to the file), "question": ..., "answer": ...}.
-`python -m evaluators.vqa easy-vqa OUT.jsonl --n 200` writes one from the images and questions
+`python -m evomerge.evaluators.vqa easy-vqa OUT.jsonl --n 200` writes one from the images and questions
 that the `easy-vqa` package ships (no download).
 
 ROUGE-L comes from Google's `rouge-score` package. Its default tokenizer keeps only ASCII letters
@@ -65,7 +65,15 @@ class VQA:
         self.processor = processor
         self.path, self.lang, self.split = str(path), lang, split or Path(path).name
         self.items = read_items(path)[:limit]
+        if not self.items:
+            raise ValueError(f"VQA data {path} holds no items")
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+
+    def examples_key(self) -> tuple[str, set[int]]:
+        return f"vqa:{Path(self.path).resolve()}", set(range(len(self.items)))
+
+    def metric_names(self) -> set[str]:
+        return {"vqa_rougeL"}
 
     def identity(self) -> dict:
         return {"task": "vqa", "split": self.split, "n": len(self.items), "lang": self.lang,
@@ -115,7 +123,7 @@ def write_easy_vqa(out: str | Path, n: int = 200, split: str = "test") -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m evaluators.vqa")
+    parser = argparse.ArgumentParser(prog="python -m evomerge.evaluators.vqa")
     sub = parser.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("easy-vqa", help="write a VQA JSONL from the easy-vqa package")
     e.add_argument("out")

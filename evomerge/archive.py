@@ -1,6 +1,15 @@
-"""The Pareto archive: non-dominated candidates, hypervolume, best per objective (pymoo does the math)."""
+"""The Pareto archive: non-dominated candidates, hypervolume, best per objective (pymoo does the math).
+
+Fronts are honest about ties: candidates with identical objective vectors are one front point,
+represented by the earliest, with the others listed as its duplicates. Hypervolume is measured
+against one reference point per campaign (from the config, or derived once from the first
+generation and journaled), so values are comparable across generations and never decrease.
+"""
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -13,36 +22,73 @@ def to_minimization(objectives: list[Objective], values: list[dict]) -> np.ndarr
     return np.array([[v[o.name] for o in objectives] for v in values], dtype=float).reshape(-1, len(objectives)) * signs
 
 
-def front_indices(objectives: list[Objective], values: list[dict]) -> list[int]:
-    """Indices of the non-dominated entries (duplicates of a front point all stay)."""
+@dataclass
+class FrontPoint:
+    index: int  # the earliest candidate with these objective values
+    duplicates: list[int] = field(default_factory=list)  # later candidates with identical values
+
+
+def front(objectives: list[Objective], values: list[dict]) -> list[FrontPoint]:
+    """The non-dominated points of `values` (in candidate order), identical vectors collapsed."""
     if not values:
         return []
     from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 
     F = to_minimization(objectives, values)
-    return sorted(int(i) for i in NonDominatedSorting().do(F, only_non_dominated_front=True))
-
-
-def reference_point(objectives: list[Objective], values: list[dict]) -> np.ndarray:
-    """Per objective, in minimization space: 0 for maximized scores (accuracies are >= 0), else the
-    worst value seen, so hypervolume grows as the front improves."""
-    F = to_minimization(objectives, values)
-    ref = []
-    for j, o in enumerate(objectives):
-        if o.direction == "maximize":
-            ref.append(max(0.0, float(F[:, j].max())) if len(F) else 0.0)
+    points: dict[tuple, FrontPoint] = {}
+    for i in sorted(int(i) for i in NonDominatedSorting().do(F, only_non_dominated_front=True)):
+        key = tuple(F[i])
+        if key in points:
+            points[key].duplicates.append(i)
         else:
-            ref.append(float(F[:, j].max()) * 1.1 + 1e-12 if len(F) else 1.0)
-    return np.array(ref)
+            points[key] = FrontPoint(i)
+    return list(points.values())
 
 
-def hypervolume(objectives: list[Objective], values: list[dict], ref: np.ndarray | None = None) -> float:
+def front_indices(objectives: list[Objective], values: list[dict]) -> list[int]:
+    """Indices of the distinct non-dominated entries (the earliest of each set of ties)."""
+    return [p.index for p in front(objectives, values)]
+
+
+def spread(objectives: list[Objective], values: list[dict], k: int) -> list[int]:
+    """Up to k positions into `values` (front points), spread evenly along the front, extremes included."""
+    n = len(values)
+    if n <= k:
+        return list(range(n))
+    F = to_minimization(objectives, values)
+    order = sorted(range(n), key=lambda i: tuple(F[i]))
+    picks = [order[round(j * (n - 1) / (k - 1))] for j in range(k)] if k > 1 else [order[0]]
+    return sorted(dict.fromkeys(picks))
+
+
+def reference_point(objectives: list[Objective], first: list[dict]) -> dict[str, float]:
+    """The hypervolume reference, in each objective's own units.
+
+    An objective's `reference` from the config wins. Otherwise: the worst value of the first
+    generation that has results, moved a tenth of that generation's spread further out (a tenth
+    of its magnitude when every value was equal, or 1 when they were all 0).
+    """
+    out = {}
+    for o in objectives:
+        if o.reference is not None:
+            out[o.name] = o.reference
+            continue
+        vals = [v[o.name] for v in first]
+        worst = min(vals) if o.direction == "maximize" else max(vals)
+        span = max(vals) - min(vals)
+        margin = 0.1 * span if span > 0 else (0.1 * abs(worst) if worst != 0 else 1.0)
+        out[o.name] = worst - margin if o.direction == "maximize" else worst + margin
+    return out
+
+
+def hypervolume(objectives: list[Objective], values: list[dict], reference: dict[str, float]) -> float:
+    """Volume dominated by `values` and bounded by `reference`; points not better than it add nothing."""
     if not values:
         return 0.0
     from pymoo.indicators.hv import HV
 
     F = to_minimization(objectives, values)
-    ref = reference_point(objectives, values) if ref is None else ref
+    ref = to_minimization(objectives, [reference])[0]
     inside = F[(F < ref).all(axis=1)]
     if len(inside) == 0:
         return 0.0
@@ -52,3 +98,7 @@ def hypervolume(objectives: list[Objective], values: list[dict], ref: np.ndarray
 def best_per_objective(objectives: list[Objective], values: list[dict]) -> dict[str, int]:
     F = to_minimization(objectives, values)
     return {o.name: int(np.argmin(F[:, j])) for j, o in enumerate(objectives)} if len(F) else {}
+
+
+def finite(values: dict) -> bool:
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values.values())

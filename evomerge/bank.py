@@ -26,9 +26,8 @@ from evomerge.methods import (
     drop_field,
     magnitude_rank,
     pairwise_cosines,
-    plan_tensor,
-    ratio_stat,
     rescaled_keeps,
+    tensor_plan,
     tensor_seed,
 )
 from evomerge.recipe import DTYPES, Recipe
@@ -37,7 +36,6 @@ from evomerge.recipe import DTYPES, Recipe
 EAGER_CHUNK = 1 << 18
 FUSED_CHUNK = 1 << 20
 AUTO_COMPILE_PARAMS = 20_000_000  # below this, compiling (~30 s once) costs more than it saves
-FIELD_ALL = (-(1 << 15), 1 << 15)
 
 
 @dataclass
@@ -69,6 +67,41 @@ def _normalized(name: str) -> str:
     if parts[:2] == ["language_model", "lm_head"]:
         parts = parts[1:]
     return ".".join(parts)
+
+
+def check_compatible(reference: str, ref_shapes: Mapping[str, tuple], sources: Mapping[str, Mapping[str, tuple]],
+                     model_type: str, component: dict[str, str] | None = None) -> None:
+    """Fail before reading any weights: every source must have the reference's tensors and shapes.
+
+    `sources` maps a label to that source's shapes (from safetensors headers); a label whose
+    shapes are the reference's own object is the reference itself and is skipped.
+    """
+    for src, shapes in sources.items():
+        if shapes is ref_shapes:
+            continue
+        for base_name, shape in ref_shapes.items():
+            name = component_source_name(base_name, component)
+            if name is None:
+                continue
+            if name not in shapes:
+                raise EvomergeError(
+                    f"tensor {name!r} is in {reference} but missing from source {src}; "
+                    "all sources must share the base's architecture"
+                )
+            other = tuple(shapes[name])
+            if other == tuple(shape):
+                continue
+            role = classify(name, model_type)
+            if role.family in ("embedding", "head") and other[1:] == tuple(shape)[1:]:
+                raise EvomergeError(
+                    f"vocabulary size mismatch in {name}: {src} has {other[0]} rows, {reference} has "
+                    f"{shape[0]}; resize the source's embeddings to the base tokenizer "
+                    "(model.resize_token_embeddings) or merge models that share a tokenizer"
+                )
+            raise EvomergeError(
+                f"shape mismatch in {name}: {src} has {other}, {reference} has {tuple(shape)}; "
+                "sources must share the base's architecture and sizes"
+            )
 
 
 class SourceBank:
@@ -106,9 +139,12 @@ class SourceBank:
                                 f"its tensors start like {names[0]!r}")
         self.num_blocks = count_blocks(merged_names, self.model_type)
         self.tensors: dict[str, BankTensor] = {}
-        self._aids: dict[tuple, torch.Tensor] = {}
-        self._stats: dict[tuple, object] = {}
-        self._check_compatible(reference_ref, ref_ckpt, source_ckpts)
+        self._keys: dict[tuple, torch.Tensor] = {}  # per-element keys: magnitude ranks, drop fields
+        self._facts: dict[tuple, object] = {}  # per-tensor facts: norms, cosines
+        ref_shapes = ref_ckpt.shapes()
+        check_compatible(reference_ref, ref_shapes,
+                         {s: (ref_shapes if ck.path == self.reference_path else ck.shapes())
+                          for s, ck in zip(self.sources, source_ckpts)}, self.model_type, self.component)
         it = names
         if progress:
             from tqdm import tqdm
@@ -127,37 +163,6 @@ class SourceBank:
         self.num_params = sum(bt.reference.numel() for bt in self.tensors.values())
         self.compile = compile if compile is not None else self.num_params >= AUTO_COMPILE_PARAMS
 
-    def _check_compatible(self, reference_ref: str, ref_ckpt: Checkpoint, source_ckpts: list[Checkpoint]) -> None:
-        """Fail before reading any weights: every source must have the reference's tensors and shapes."""
-        ref_shapes = ref_ckpt.shapes()
-        for src, ck in zip(self.sources, source_ckpts):
-            if ck.path == self.reference_path:
-                continue
-            shapes = ck.shapes()
-            for base_name, shape in ref_shapes.items():
-                name = component_source_name(base_name, self.component)
-                if name is None:
-                    continue
-                if name not in shapes:
-                    raise EvomergeError(
-                        f"tensor {name!r} is in {reference_ref} but missing from source {src}; "
-                        "all sources must share the base's architecture"
-                    )
-                other = shapes[name]
-                if other == shape:
-                    continue
-                role = classify(name, self.model_type)
-                if role.family in ("embedding", "head") and other[1:] == shape[1:]:
-                    raise EvomergeError(
-                        f"vocabulary size mismatch in {name}: {src} has {other[0]} rows, {reference_ref} has "
-                        f"{shape[0]}; resize the source's embeddings to the base tokenizer "
-                        "(model.resize_token_embeddings) or merge models that share a tokenizer"
-                    )
-                raise EvomergeError(
-                    f"shape mismatch in {name}: {src} has {other}, {reference_ref} has {shape}; "
-                    "sources must share the base's architecture and sizes"
-                )
-
     # -- cached per-source facts --------------------------------------------------------------
 
     def _delta(self, bt: BankTensor, i: int) -> torch.Tensor:
@@ -168,33 +173,22 @@ class SourceBank:
             bt.deltas[i] = d
         return d
 
-    def _rank(self, bt: BankTensor, i: int) -> torch.Tensor:
-        key = ("rank", bt.name, i)
-        if key not in self._aids:
-            self._aids[key] = magnitude_rank(self._delta(bt, i))
-        return self._aids[key]
-
-    def _field(self, bt: BankTensor, position: int, seed: int) -> torch.Tensor:
-        """DARE's field for the source at `position` in the recipe (one seed cached per slot)."""
+    def _element_key(self, kind: str, bt: BankTensor, i: int, position: int, seed: int) -> torch.Tensor:
+        """A sparsifier's per-element key for source i (at `position` in the recipe): computed once."""
+        if kind == "rank":
+            key = ("rank", bt.name, i)
+            if key not in self._keys:
+                self._keys[key] = magnitude_rank(self._delta(bt, i))
+            return self._keys[key]
+        # DARE's field depends on the recipe's seed and the source's position, not on which source
         key = ("field", bt.name, position)
-        if self._aids.get(key) is None or self._stats.get(("field_seed", bt.name, position)) != seed:
-            self._aids[key] = drop_field(bt.reference.shape, tensor_seed(seed, position, bt.name)).to(self.device)
-            self._stats[("field_seed", bt.name, position)] = seed
-        return self._aids[key]
+        if self._facts.get(("field_seed",) + key[1:]) != seed or key not in self._keys:
+            self._keys[key] = drop_field(bt.reference.shape, tensor_seed(seed, position, bt.name)).to(self.device)
+            self._facts[("field_seed",) + key[1:]] = seed
+        return self._keys[key]
 
-    def _slerp_stats(self, bt: BankTensor, i: int) -> tuple:
-        key = ("slerp", bt.name, i)
-        if key not in self._stats:
-            ref = bt.reference
-            other = ref + self._delta(bt, i)
-            self._stats[key] = (ref.norm().item(), other.norm().item(), (ref * other).sum().item())
-        return self._stats[key]
-
-    def _cosines(self, bt: BankTensor, idx: tuple[int, ...], rowwise: bool) -> torch.Tensor:
-        key = ("cos", bt.name, idx, rowwise)
-        if key not in self._stats:
-            self._stats[key] = pairwise_cosines([self._delta(bt, i) for i in idx], rowwise)
-        return self._stats[key]
+    def facts(self, bt: BankTensor, idx: list[int]) -> "BankFacts":
+        return BankFacts(self, bt, idx)
 
     # -- materialization ----------------------------------------------------------------------
 
@@ -263,27 +257,16 @@ class SourceBank:
             dest.copy_(bt.reference)
             return
         shared, per_source = recipe.resolve(bt.role, bt.name, self.num_blocks)
-        stats: dict = {}
-        if "slerp" in method.aids:
-            stats["slerp"] = self._slerp_stats(bt, idx[0])
-        if "cosine" in method.aids:
-            rowwise = bool(shared.get("filter_wise")) and bt.reference.dim() > 1
-            stats["ratio"] = ratio_stat(self._cosines(bt, tuple(idx), rowwise), len(idx), bt.reference.shape)
-        n = bt.reference.numel()
-        plan = plan_tensor(method, n, shared, per_source, stats)
+        plan = tensor_plan(method, bt.reference.numel(), shared, per_source, self.facts(bt, idx), bt.reference.shape)
         deltas = [bt.deltas[i] for i in idx]
-        aids: list[torch.Tensor | None] = [None] * len(idx)
+        keys: list[torch.Tensor | None] = [None] * len(idx)
         for j, (i, keep) in enumerate(zip(idx, plan.keeps)):
-            if deltas[j] is None:
-                continue
-            if keep.kind == "rank":
-                aids[j] = self._rank(bt, i)
-            elif keep.kind == "field":
-                aids[j] = self._field(bt, j, recipe.seed)
-        keeps = rescaled_keeps(plan, deltas, aids)
+            if deltas[j] is not None and keep.kind == "range":
+                keys[j] = self._element_key(method.element_key, bt, i, j, recipe.seed)
+        keeps = rescaled_keeps(plan, deltas, keys)
         if self._fused(method, bt, idx, plan, keeps, recipe.seed, dest):
             return
-        self._eager(bt, plan, keeps, deltas, aids, dest)
+        self._eager(bt, plan, keeps, deltas, keys, dest)
 
     def _spans(self, ref: torch.Tensor, chunk: int) -> list[slice]:
         """Row ranges of about `chunk` elements; rows stay whole so per-row coefficients align."""
@@ -293,14 +276,14 @@ class SourceBank:
         step = max(1, chunk // max(1, ref.numel() // max(rows, 1)))
         return [slice(s, min(rows, s + step)) for s in range(0, rows, step)]
 
-    def _eager(self, bt, plan, keeps, deltas, aids, dest) -> None:
+    def _eager(self, bt, plan, keeps, deltas, keys, dest) -> None:
         for sl in self._spans(bt.reference, EAGER_CHUNK):
             combine(
                 bt.reference[sl],
                 [d[sl] if d is not None else None for d in deltas],
                 [c[sl] if isinstance(c, torch.Tensor) else c for c in plan.coefficients],
                 keeps,
-                [a[sl] if a is not None else None for a in aids],
+                [k[sl] if k is not None else None for k in keys],
                 ref_coefficient=plan.ref_coefficient,
                 consensus=plan.consensus,
                 normalize=plan.normalize,
@@ -311,30 +294,23 @@ class SourceBank:
 
     def _fused(self, method, bt, idx, plan, keeps, seed, dest) -> bool:
         """Run a sparsified merge through the compiled kernel; False when it does not apply."""
-        if not self.compile or method.sparsify is None or plan.ref_coefficient != 1.0:
+        sparsifier = method.sparsifier
+        if not self.compile or sparsifier is None or plan.ref_coefficient != 1.0:
             return False
         if any(bt.deltas[i] is None for i in idx) or any(isinstance(c, torch.Tensor) for c in plan.coefficients):
             return False
         kernel = compiled_masked_combine()
         if kernel is None:
             return False
-        n = bt.reference.numel()
-        aids, lo, hi = [], [], []
-        for j, (i, keep) in enumerate(zip(idx, keeps)):
-            if method.sparsify == "random":
-                aids.append(self._field(bt, j, seed))
-                bounds = {"all": FIELD_ALL, "none": (FIELD_ALL[0], FIELD_ALL[0])}.get(keep.kind, (FIELD_ALL[0], keep.hi))
-            else:
-                aids.append(self._rank(bt, i))
-                bounds = {"all": (0, n), "none": (0, 0)}.get(keep.kind, (keep.lo, keep.hi))
-            lo.append(bounds[0])
-            hi.append(bounds[1])
+        full = sparsifier.full_range(bt.reference.numel())
+        keys = [self._element_key(sparsifier.key, bt, i, j, seed) for j, i in enumerate(idx)]
+        bounds = [keep.bounds(full) for keep in keeps]
         dev = self.device
         weights = plan.weights or [float(c) for c in plan.coefficients]
         total = float(sum(weights))
         args = dict(
-            lo=torch.tensor(lo, dtype=torch.int64, device=dev),
-            hi=torch.tensor(hi, dtype=torch.int64, device=dev),
+            lo=torch.tensor([b[0] for b in bounds], dtype=torch.int64, device=dev),
+            hi=torch.tensor([b[1] for b in bounds], dtype=torch.int64, device=dev),
             coef=torch.tensor([float(c) * k.scale for c, k in zip(plan.coefficients, keeps)], device=dev),
             weights=torch.tensor(weights, device=dev),
             lam=torch.tensor(float(plan.lam), device=dev),
@@ -345,7 +321,7 @@ class SourceBank:
         deltas = [bt.deltas[i] for i in idx]
         try:
             for sl in self._spans(bt.reference, FUSED_CHUNK):
-                kernel(bt.reference[sl], [d[sl] for d in deltas], [a[sl] for a in aids], out=dest[sl], **args)
+                kernel(bt.reference[sl], [d[sl] for d in deltas], [k[sl] for k in keys], out=dest[sl], **args)
         except Exception as exc:  # no compiler / backend here: remember, and use eager from now on
             mark_broken(exc)
             return False
@@ -356,5 +332,27 @@ class SourceBank:
         for bt in self.tensors.values():
             total += bt.reference.numel() * bt.reference.element_size()
             total += sum(d.numel() * d.element_size() for d in bt.deltas if d is not None)
-        total += sum(a.numel() * a.element_size() for a in self._aids.values())
+        total += sum(k.numel() * k.element_size() for k in self._keys.values())
         return total
+
+
+class BankFacts:
+    """The TensorFacts of one bank tensor for the recipe's sources, cached across candidates."""
+
+    def __init__(self, bank: SourceBank, bt: BankTensor, idx: list[int]):
+        self.bank, self.bt, self.idx = bank, bt, idx
+
+    def norms_and_dot(self, position: int) -> tuple[float, float, float]:
+        i = self.idx[position]
+        key = ("norms", self.bt.name, i)
+        if key not in self.bank._facts:
+            ref = self.bt.reference
+            other = ref + self.bank._delta(self.bt, i)
+            self.bank._facts[key] = (ref.norm().item(), other.norm().item(), (ref * other).sum().item())
+        return self.bank._facts[key]
+
+    def cosines(self, rowwise: bool) -> torch.Tensor:
+        key = ("cos", self.bt.name, tuple(self.idx), rowwise)
+        if key not in self.bank._facts:
+            self.bank._facts[key] = pairwise_cosines([self.bank._delta(self.bt, i) for i in self.idx], rowwise)
+        return self.bank._facts[key]

@@ -141,7 +141,7 @@ def bench_materialize(args: argparse.Namespace) -> dict:
 
 def bench_generate(args: argparse.Namespace) -> dict:
     """Batched greedy generation (left padding) vs batch size 1, same model, same prompts."""
-    from evaluators.mgsm import GenerationSettings, build_prompt, generate, load_rows
+    from evomerge.evaluators.mgsm import GenerationSettings, build_prompt, generate, load_rows
     from evomerge.evaluate import load_model
 
     torch.set_num_threads(args.threads)
@@ -192,7 +192,7 @@ def bench_racing(args: argparse.Namespace) -> dict:
         start = time.perf_counter()
         runner = CampaignRunner(parse_campaign(cfg), folder, progress=False)
         runner.run()
-        name = runner.c.objectives[0].name
+        name = runner.campaign.objectives[0].name
         rows = Journal(folder).candidates()
         trace, best, used = [], float("-inf"), 0
         for r in rows:  # in evaluation order: examples spent, best fully-scored fitness so far

@@ -1,160 +1,236 @@
 """The campaign loop: ask -> decode -> evaluate -> journal -> tell, resumable at any point.
 
-Generation g asks the optimizer for a population, journals each genome as a pending candidate,
-evaluates the ones without a result, commits every result as it arrives, and only then tells the
-optimizer. Resume replays the same loop: the optimizer is deterministic given its seed and the
-journaled results, so it asks the same genomes again; those already in the journal are reused
-(never evaluated twice), and each generation's optimizer checkpoint digest must match the one
-stored, or the resume stops with an error instead of silently diverging.
+Start-up, in order, so that a mistake costs nothing and leaves nothing behind:
+1. pre-flight (`evomerge.preflight`): models from their headers, the search space, the optimizer,
+   the evaluators, the memory estimate — no tensor read, nothing written;
+2. the campaign lock (one runner per folder), then the journal: a new folder stores the config
+   and the models' provenance only now; an existing one must hold the same config and models.
+
+Generation g asks the optimizer for a population and keeps the first `size(g)` genomes (the last
+generation is partial when the budget is not a multiple of the population: exactly `budget`
+candidates are evaluated). Each is journaled as pending with racing's incumbent for the
+generation (the best full objective of earlier generations only), evaluated, and committed as
+it arrives; only then is the optimizer told. Resume replays the same loop: the optimizer is
+deterministic given its seed and the journaled results, so it asks the same genomes again;
+those already in the journal are reused (never evaluated twice), and each generation's genomes,
+incumbents and optimizer checkpoint digest must match the journal, or resume stops instead of
+silently diverging.
+
+Failures: a candidate that fails on its own (NaN scores, an evaluator's CandidateError) is
+journaled as failed and told as a penalty. An infrastructure failure (out of memory, a lost
+worker) is never told: the candidate is retried `executor.retries` times, then the campaign
+stops with the error and `evomerge resume` picks it up again.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from evomerge import archive
-from evomerge.config import Campaign, config_diff, load_campaign, parse_campaign
+from evomerge.config import Campaign, config_diff, load_campaign
 from evomerge.errors import EvomergeError
-from evomerge.executors import Executor, LocalExecutor, Worker
+from evomerge.executors import Executor, executor_kind
 from evomerge.journal import Journal
-from evomerge.optimizers import make_optimizer
-from evomerge.recipe import Recipe
-from search_spaces.ps import ParameterSpace
+from evomerge.lock import CampaignLock
+from evomerge.preflight import Plan, check_provenance, preflight
+from evomerge.view import Member, front_members, open_campaign
+from evomerge.worker import FITNESS, HOLDOUT, Result, Task
 
-PENALTY = 1e9  # loss told to the optimizer for a candidate that failed
-
-
-def resolve_ref(ref: str) -> str:
-    """`builtin:demo/<name>` -> the locally built demo family (built on first use); paths as they are."""
-    if ref.startswith("builtin:"):
-        from evomerge.demo import builtin_model
-
-        return str(builtin_model(ref.split(":", 1)[1]))
-    return ref
+PENALTY = 1e9  # loss told to the optimizer for a candidate that failed on its own
 
 
 @dataclass
 class Outcome:
     evaluated: int
-    front: list[dict]
+    front: list[Member]
     folder: Path
 
 
 class CampaignRunner:
-    def __init__(self, campaign: Campaign, folder: str | Path, executor: Executor | None = None, progress: bool = True):
-        self.c = campaign
+    def __init__(self, campaign: Campaign, folder: str | Path, executor: Executor | None = None, progress: bool = True,
+                 plan: Plan | None = None):
+        self.campaign = campaign
         self.folder = Path(folder)
-        self.journal = Journal(self.folder)
-        self._check_config()
-        self.base = resolve_ref(campaign.base) if campaign.base else None
-        self.sources = {name: resolve_ref(ref) for name, ref in campaign.sources.items()}
-        self.space = ParameterSpace.from_config(campaign.search_space, self.sources, self.base, campaign.seed, campaign.dtype)
-        self.optimizer = make_optimizer(campaign.optimizer, self.space.dim, len(campaign.objectives), campaign.seed,
-                                        self.space.x0, self.space.sigma0, campaign.budget)
-        self.population = self.optimizer.population
-        self.generations = math.ceil(campaign.budget / self.population)
-        self._executor = executor
         self.progress = progress
+        self.plan = plan or preflight(campaign)
+        self.space = self.plan.space
+        self.optimizer = self.plan.optimizer
+        self.population = self.optimizer.population
+        self.sizes = self.plan.generation_sizes
+        self.sources, self.base = self.plan.sources, self.plan.base
+        self._executor = executor
+        self.lock = CampaignLock(self._make_folder()).acquire()
+        try:
+            self.journal = Journal(self.folder)
+            self._check_journal()
+        except BaseException:
+            self.lock.release()
+            raise
 
-    def _check_config(self) -> None:
+    def _make_folder(self) -> Path:
+        if self.folder.exists() and not self.folder.is_dir():
+            raise EvomergeError(f"--out {self.folder} is a file; pass a folder for the campaign")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise EvomergeError(f"cannot create campaign folder {self.folder} ({exc.strerror}); "
+                                "pick an --out folder you can write to") from None
+        return self.folder
+
+    def _check_journal(self) -> None:
+        """A new folder takes the config and provenance now (pre-flight passed); an old one must match."""
         stored = self.journal.get("config")
         if stored is None:
-            self.journal.set("config", self.c.raw)
+            self.journal.set("provenance", self.plan.provenance)
+            self.journal.set("config", self.campaign.raw)
             self.journal.set("created", time.time())
             return
-        changes = config_diff(stored, self.c.raw)
+        changes = config_diff(stored, self.campaign.raw)
         if changes:
             raise EvomergeError(
                 f"{self.folder} holds a campaign with a different config ({'; '.join(changes)}); "
                 "resume it unchanged with `evomerge resume DIR`, or start the new config in a new --out folder"
             )
+        for note in check_provenance(self.journal.get("provenance"), self.plan.provenance):
+            print(f"evomerge: note: {note}", file=sys.stderr)
 
     @property
     def executor(self) -> Executor:
         if self._executor is None:
-            from evomerge.racing import RacingRule
-
-            rule = RacingRule(**self.c.racing) if self.c.racing else None
-            worker = Worker(list(self.sources.values()), self.base, self.c.fitness, self.c.holdout,
-                            self.c.dtype, self.c.executor.get("device", "cpu"), rule, self.c.objectives[0].metrics,
-                            self.c.search_space.get("component"))
-            if rule is not None:
-                unbounded = [ev.identity()["task"] for ev in worker.evaluators["fitness"] if not getattr(ev, "bounded", False)]
-                if unbounded:
-                    raise EvomergeError(f"config field 'racing': fitness task(s) {unbounded} give no per-example scores "
-                                        "in [0, 1]; racing needs exact-match style tasks (e.g. synthetic:<task>)")
-            self._executor = LocalExecutor(worker)
+            kind = executor_kind(self.campaign.executor["kind"])
+            self._executor = kind.create(self.campaign.executor, self.plan.worker,
+                                         {"evaluators": self.plan.evaluators, "tokenizer": self.plan.tokenizer})
         return self._executor
 
     def objectives_of(self, metrics: dict) -> dict[str, float]:
-        missing = self.c.metric_names - set(metrics)
+        missing = self.campaign.metric_names - set(metrics)
         if missing:
-            raise EvomergeError(f"objective metric(s) {sorted(missing)} not produced by the fitness evaluators "
-                                f"(they produce {sorted(metrics)}); fix 'objectives' or 'fitness' in the config")
-        return {o.name: o.value(metrics) for o in self.c.objectives}
+            raise EvomergeError(f"config field 'objectives': metric(s) {sorted(missing)} are not produced by the "
+                                f"fitness evaluators (they produce {sorted(metrics)}); fix 'objectives' or 'fitness'")
+        return {o.name: o.value(metrics) for o in self.campaign.objectives}
 
     def losses(self, objectives: dict | None) -> list[float]:
         if objectives is None:
-            return [PENALTY] * len(self.c.objectives)
-        return [-objectives[o.name] if o.direction == "maximize" else objectives[o.name] for o in self.c.objectives]
+            return [PENALTY] * len(self.campaign.objectives)
+        return [-objectives[o.name] if o.direction == "maximize" else objectives[o.name]
+                for o in self.campaign.objectives]
 
     # -- the loop -----------------------------------------------------------------------------
 
     def run(self) -> Outcome:
         bar = self._bar()
         try:
-            for g in range(self.generations):
-                genomes = self.optimizer.ask()
-                rows = self.journal.generation(g)
-                todo: dict[int, int] = {}
-                values: dict[int, dict | None] = {}
-                for slot, x in enumerate(genomes):
-                    genome = [float(v) for v in x]
-                    row = rows.get(slot)
-                    if row is not None:
-                        if row.genome != genome:
-                            raise EvomergeError(
-                                f"journal diverged at generation {g}, slot {slot}: the optimizer now asks a different "
-                                "genome than the journal holds (was the code or library version changed?)"
-                            )
-                        if row.status in ("done", "raced", "failed"):
-                            values[slot] = row.objectives
-                            continue
-                        cid = row.id
-                    else:
-                        cid = self.journal.add_pending(g, slot, genome, self.space.decode(x).to_dict())
-                    todo[cid] = slot
-                incumbent = self.incumbent()
-                for cid, slot in todo.items():
-                    self.journal.mark_started(cid)
-                    self.executor.submit(cid, self.space.decode(genomes[slot]), "fitness", incumbent)
-                for res in (self.executor.collect() if todo else ()):
-                    slot = todo[res.cid]
-                    objectives = self.objectives_of(res.metrics) if res.error is None else None
-                    self.journal.record_result(res.cid, res.metrics, res.identity, objectives, res.error,
-                                               res.materialize_s, res.eval_s, res.examples, res.raced)
-                    values[slot] = objectives
-                    if bar is not None:
-                        bar.update(1)
-                        if objectives is not None and not res.raced:
-                            self._postfix(bar, objectives)
-                self.optimizer.tell(genomes, [self.losses(values[s]) for s in range(len(genomes))])
+            for g, size in enumerate(self.sizes):
+                genomes = [[float(v) for v in x] for x in self.optimizer.ask()[:size]]
+                values = self._generation(g, genomes, bar)
+                self.optimizer.tell(genomes, [self.losses(values[s]) for s in range(size)])
                 self._checkpoint(g)
             self._evaluate_holdout()
             self.journal.set("done", True)
+        except KeyboardInterrupt:
+            n = self.journal.count("done", "raced", "failed")
+            raise EvomergeError(f"interrupted; {n} of {self.campaign.budget} candidates are safe in "
+                                f"{self.journal.path}; continue with `evomerge resume {self.folder}`") from None
         finally:
             if bar is not None:
                 bar.close()
-        return Outcome(self.journal.count("done", "raced", "failed"), self.front(), self.folder)
+            self.lock.release()
+        return Outcome(self.journal.count("done", "raced", "failed"), front_members(self.journal, self.campaign),
+                       self.folder)
 
-    def incumbent(self) -> float | None:
-        """The best fully evaluated objective so far (what racing must plausibly beat)."""
-        if not self.c.racing:
+    def _generation(self, g: int, genomes: list[list[float]], bar) -> dict[int, dict | None]:
+        """Evaluate what the journal does not hold yet; return each slot's objectives (None: failed)."""
+        rows = self.journal.generation(g)
+        incumbent = self.incumbent(g)
+        values: dict[int, dict | None] = {}
+        todo: list[Task] = []
+        slot_of: dict[int, int] = {}
+        for slot, genome in enumerate(genomes):
+            row = rows.get(slot)
+            if row is not None:
+                if row.genome != genome:
+                    raise EvomergeError(
+                        f"journal diverged at generation {g}, slot {slot}: the optimizer now asks a different "
+                        "genome than the journal holds (was the code or library version changed?)")
+                if self.campaign.racing and row.incumbent != incumbent:
+                    raise EvomergeError(
+                        f"journal diverged at generation {g}, slot {slot}: racing's incumbent was {row.incumbent}, "
+                        f"now {incumbent}; the journal was written by a different version")
+                if row.status in ("done", "raced", "failed"):
+                    values[slot] = row.objectives if row.status != "failed" else None
+                    continue
+                cid, recipe = row.id, row.recipe
+            else:
+                recipe = self.space.decode(genome).to_dict()
+                cid = self.journal.add_pending(g, slot, genome, recipe, incumbent)
+            todo.append(Task(cid, recipe, FITNESS, incumbent))
+            slot_of[cid] = slot
+        for res in self._run_tasks(todo):
+            slot = slot_of[res.cid]
+            values[slot] = self._record(res)
+            if bar is not None:
+                bar.update(1)
+                if values[slot] is not None and not res.raced:
+                    self._postfix(bar, values[slot])
+        return values
+
+    def _run_tasks(self, tasks: list[Task]):
+        """Submit tasks and yield their results; infrastructure failures are retried, then stop the campaign."""
+        retries = int(self.campaign.executor.get("retries", 2))
+        failures: dict[int, int] = {}
+        by_id = {t.cid: t for t in tasks}
+        for task in tasks:
+            if task.role == FITNESS:  # attempts count fitness evaluations (held-out scoring is not a retry)
+                self.journal.mark_started(task.cid)
+            self.executor.submit(task)
+        outstanding = set(by_id)
+        while outstanding:
+            for res in self.executor.collect():
+                if res.error_kind == "infrastructure":
+                    self.journal.record_infrastructure_error(res.cid, res.error)
+                    failures[res.cid] = failures.get(res.cid, 0) + 1
+                    if not res.retryable or failures[res.cid] > retries:
+                        raise EvomergeError(
+                            f"candidate #{res.cid} failed for a reason not its own ({res.error}) "
+                            f"{failures[res.cid]} time(s); nothing about it was told to the optimizer. Fix the "
+                            f"cause, then continue with `evomerge resume {self.folder}`")
+                    if res.role == FITNESS:
+                        self.journal.mark_started(res.cid)
+                    self.executor.submit(by_id[res.cid])
+                    continue
+                outstanding.discard(res.cid)
+                yield res
+
+    def _record(self, res: Result) -> dict | None:
+        """Journal one fitness result; the objectives told to the optimizer (None: failed on its own)."""
+        if res.error_kind == "candidate":
+            self.journal.record_result(res.cid, None, None, None, res.error, res.materialize_s, res.eval_s)
             return None
-        done = [r.objectives[self.c.objectives[0].name] for r in self.journal.candidates("done")]
+        objectives = self.objectives_of(res.metrics)
+        bad = {k: v for k, v in objectives.items() if not math.isfinite(v)}
+        if bad:
+            self.journal.record_result(res.cid, res.metrics, res.identity, None,
+                                       f"non-finite objective(s) {bad}", res.materialize_s, res.eval_s, res.examples)
+            return None
+        self.journal.record_result(res.cid, res.metrics, res.identity, objectives, None, res.materialize_s,
+                                   res.eval_s, res.examples, res.raced)
+        return objectives
+
+    def incumbent(self, g: int) -> float | None:
+        """Racing's bar for generation g: the best full objective of generations before g.
+
+        Fixed per generation (not updated as g's own results arrive), so an interrupted and an
+        uninterrupted run race every candidate against the same value; it is journaled with each
+        candidate and checked on resume.
+        """
+        if not self.campaign.racing:
+            return None
+        name = self.campaign.objectives[0].name
+        done = [r.objectives[name] for r in self.journal.candidates("done") if r.generation < g]
         return max(done) if done else None
 
     def _checkpoint(self, g: int) -> None:
@@ -165,33 +241,44 @@ class CampaignRunner:
                 raise EvomergeError(f"resume diverged: the optimizer state after generation {g} differs from the "
                                     "journal's checkpoint; the journal was written by a different version or config")
             return
-        done = [r.objectives for r in self.journal.candidates("done")]
-        hv = archive.hypervolume(self.c.objectives, done) if done else 0.0
+        done = [r for r in self.journal.candidates("done") if r.generation <= g]
+        reference = self.hv_reference(done)
+        hv = archive.hypervolume(self.campaign.objectives, [r.objectives for r in done], reference) if reference else 0.0
         self.journal.add_checkpoint(g, len(done), cp, hv)
 
+    def hv_reference(self, done: list) -> dict | None:
+        """The campaign's hypervolume reference: journaled once, from the config or the first generation with results."""
+        stored = self.journal.get("hv_reference")
+        if stored is not None:
+            return stored
+        objectives = self.campaign.objectives
+        if not done and any(o.reference is None for o in objectives):
+            return None
+        first = min((r.generation for r in done), default=0)
+        reference = archive.reference_point(objectives, [r.objectives for r in done if r.generation == first])
+        self.journal.set("hv_reference", reference)
+        return reference
+
     def _evaluate_holdout(self) -> None:
-        if not self.c.holdout:
+        """Score up to `holdout_max` front points, spread over the front, on the held-out evaluators."""
+        if not self.campaign.holdout:
             return
-        for row in self.front_rows():
-            if row.holdout is None:
-                self.journal.mark_started(row.id)
-                self.executor.submit(row.id, Recipe.from_dict(row.recipe), "holdout")
-        for res in self.executor.collect():
-            if res.error:
+        front = front_members(self.journal, self.campaign)
+        chosen = [front[i] for i in archive.spread(self.campaign.objectives, [m.objectives for m in front],
+                                                   self.campaign.holdout_max)]
+        tasks = [Task(m.id, m.recipe, HOLDOUT) for m in chosen if not m.holdout]
+        for res in self._run_tasks(tasks):
+            if res.error_kind == "candidate":
                 self.journal.record_holdout(res.cid, {"error": res.error})
                 continue
             hold = dict(res.metrics)
-            if self.c.metric_names <= set(hold):  # held-out sets that cover every objective score them too
-                hold.update({o.name: o.value(hold) for o in self.c.objectives})
+            if self.campaign.metric_names <= set(hold):  # held-out sets that cover every objective score them too
+                hold.update({o.name: o.value(hold) for o in self.campaign.objectives})
+            if not archive.finite(hold):
+                hold = {"error": f"non-finite held-out scores {hold}"}
             self.journal.record_holdout(res.cid, hold)
 
-    # -- reporting ----------------------------------------------------------------------------
-
-    def front_rows(self):
-        return front_rows(self.journal, self.c)
-
-    def front(self) -> list[dict]:
-        return front_members(self.journal, self.c)
+    # -- progress -----------------------------------------------------------------------------
 
     def _bar(self):
         if not self.progress:
@@ -199,81 +286,20 @@ class CampaignRunner:
         from tqdm import tqdm
 
         done = self.journal.count("done", "raced", "failed")
-        total = self.generations * self.population
-        bar = tqdm(total=total, initial=min(done, total), desc=f"{self.c.name}", unit="cand", dynamic_ncols=True, mininterval=0.5)
-        self._postfix(bar)
+        bar = tqdm(total=self.campaign.budget, initial=min(done, self.campaign.budget), desc=self.campaign.name,
+                   unit="cand", dynamic_ncols=True, mininterval=0.5)
+        self._best: dict[str, float] = {}
+        for r in self.journal.candidates("done"):
+            self._postfix(bar, r.objectives)
         return bar
 
-    def _postfix(self, bar, objectives: dict | None = None) -> None:
+    def _postfix(self, bar, objectives: dict) -> None:
         """Best-so-far per objective on the bar; kept in memory, not re-read from the journal."""
-        if objectives is None:  # start: seed from what the journal already holds
-            self._best: dict[str, float] = {}
-            for r in self.journal.candidates("done"):
-                self._postfix_update(r.objectives)
-        else:
-            self._postfix_update(objectives)
-        if self._best:
-            bar.set_postfix(best={k: f"{v:.4g}" for k, v in self._best.items()}, refresh=False)
-
-    def _postfix_update(self, objectives: dict) -> None:
-        for o in self.c.objectives:
+        for o in self.campaign.objectives:
             v = objectives[o.name]
-            old = self._best.get(o.name)
-            if old is None or (v > old if o.direction == "maximize" else v < old):
+            if o.name not in self._best or o.better(v, self._best[o.name]):
                 self._best[o.name] = v
-
-
-def front_rows(journal: Journal, campaign: Campaign):
-    rows = journal.candidates("done")
-    idx = archive.front_indices(campaign.objectives, [r.objectives for r in rows])
-    return [rows[i] for i in idx]
-
-
-def front_members(journal: Journal, campaign: Campaign) -> list[dict]:
-    out = []
-    for r in front_rows(journal, campaign):
-        out.append({"id": r.id, "generation": r.generation, "objectives": r.objectives, "metrics": r.metrics,
-                    "holdout": {k: v for k, v in (r.holdout or {}).items()}, "genome": r.genome, "recipe": r.recipe})
-    return out
-
-
-def open_campaign(folder: str | Path) -> tuple[Journal, Campaign]:
-    """The journal of an existing campaign folder and the config it was started with."""
-    folder = Path(folder)
-    if not Journal.exists(folder):  # checked first: opening a Journal would create the folder
-        raise EvomergeError(f"{folder} holds no campaign journal (journal.sqlite); "
-                            f"start one with `evomerge run CONFIG --out {folder}`")
-    journal = Journal(folder)
-    return journal, parse_campaign(journal.get("config"), f"{folder}/journal")
-
-
-def campaign_status(folder: str | Path) -> dict:
-    journal, campaign = open_campaign(folder)
-    rows = journal.candidates()
-    done_rows = [r for r in rows if r.status == "done"]
-    best = {}
-    for o in campaign.objectives:
-        vals = [r.objectives[o.name] for r in done_rows]
-        if vals:
-            best[o.name] = max(vals) if o.direction == "maximize" else min(vals)
-    cps = journal.checkpoints()
-    status = {
-        "name": campaign.name,
-        "evaluated": sum(r.status in ("done", "raced", "failed") for r in rows),
-        "failed": sum(r.status == "failed" for r in rows),
-        "raced": sum(r.status == "raced" for r in rows),
-        "examples_scored": journal.examples_scored(),
-        "pending": sum(r.status == "pending" for r in rows),
-        "budget": campaign.budget,
-        "generations": len(cps),
-        "done": bool(journal.get("done", False)),
-        "best": best,
-        "front_size": len(front_rows(journal, campaign)),
-        "hypervolume": [c["hypervolume"] for c in cps],
-        "eval_seconds": round(sum((r.eval_s or 0) + (r.materialize_s or 0) for r in rows), 2),
-    }
-    journal.close()
-    return status
+        bar.set_postfix(best={k: f"{v:.4g}" for k, v in self._best.items()}, refresh=False)
 
 
 def run_campaign(config_path: str | Path, out: str | Path, progress: bool = True) -> Outcome:
@@ -284,4 +310,3 @@ def resume_campaign(folder: str | Path, progress: bool = True) -> Outcome:
     journal, campaign = open_campaign(folder)
     journal.close()
     return CampaignRunner(campaign, folder, progress=progress).run()
-

@@ -11,14 +11,17 @@ all into a temporary sibling folder that is renamed into place only when complet
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import socket
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import torch
 from safetensors import safe_open
@@ -70,11 +73,71 @@ def resolve_model_path(ref: str | os.PathLike) -> Path:
     return Path(local)
 
 
+def read_json(file: Path, what: str) -> dict:
+    """A JSON object from a file, or one line naming the file and what is wrong with it."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EvomergeError(f"{file} is not valid JSON ({str(exc).splitlines()[0]}); restore the {what} "
+                            "from the original model") from None
+    if not isinstance(data, dict):
+        raise EvomergeError(f"{file} holds a {type(data).__name__}, not a JSON object; restore the {what} "
+                            "from the original model")
+    return data
+
+
 def read_config(folder: Path) -> dict:
     cfg = folder / "config.json"
     if not cfg.is_file():
         raise EvomergeError(f"{folder} has no config.json; pass a Hugging Face model folder")
-    return json.loads(cfg.read_text())
+    return read_json(cfg, "config.json")
+
+
+# Bytes per element of each safetensors dtype (the header names them).
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+               "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _corrupt(file: Path, why: str) -> EvomergeError:
+    return EvomergeError(f"{file} is not a readable safetensors file ({why}); the download or save was cut short "
+                         "or the file is damaged: download or save it again")
+
+
+def read_safetensors_header(file: Path) -> tuple[dict[str, dict], bytes]:
+    """(tensor name -> {dtype, shape, data_offsets}, the raw header bytes) without reading tensor data.
+
+    The header is checked against the file size, so a truncated or garbage file is caught here,
+    before any weight is loaded.
+    """
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise _corrupt(file, f"{size} bytes, shorter than a header")
+            n = int.from_bytes(head, "little")
+            if n > size - 8 or n > 100_000_000:
+                raise _corrupt(file, f"its header claims {n} bytes but the file has {size}")
+            raw = f.read(n)
+    except OSError as exc:
+        raise EvomergeError(f"{file} cannot be read ({exc.strerror}); check its permissions") from None
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise _corrupt(file, "its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise _corrupt(file, "its header is not a JSON object")
+    header.pop("__metadata__", None)
+    end = 0
+    for name, info in header.items():
+        ok = (isinstance(info, dict) and info.get("dtype") in DTYPE_BYTES and isinstance(info.get("shape"), list)
+              and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2)
+        if not ok:
+            raise _corrupt(file, f"tensor {name!r} has a malformed header entry")
+        end = max(end, int(info["data_offsets"][1]))
+    if 8 + n + end != size:
+        raise _corrupt(file, f"its tensors need {8 + n + end} bytes but the file has {size}")
+    return header, raw
 
 
 class Checkpoint:
@@ -86,6 +149,7 @@ class Checkpoint:
         self.config = read_config(self.path)
         self.model_type = self.config.get("model_type", "llama")
         self._where: dict[str, Path] = {}  # tensor name -> file
+        self._headers: dict[Path, tuple[dict, bytes]] = {}  # safetensors file -> (header, raw header bytes)
         self._pickle = False
         self._pickle_cache: dict[Path, dict] = {}
         self._index_files(allow_pickle)
@@ -93,11 +157,24 @@ class Checkpoint:
     def _index_files(self, allow_pickle: bool) -> None:
         p = self.path
         if (p / SAFETENSORS_INDEX).is_file():
-            weight_map = json.loads((p / SAFETENSORS_INDEX).read_text())["weight_map"]
+            index = read_json(p / SAFETENSORS_INDEX, SAFETENSORS_INDEX)
+            weight_map = index.get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise EvomergeError(f"{p / SAFETENSORS_INDEX} has no 'weight_map'; restore the index from the original model")
+            for fname in dict.fromkeys(weight_map.values()):
+                if not (p / str(fname)).is_file():
+                    raise EvomergeError(f"{p / SAFETENSORS_INDEX} names shard {fname!r}, which is missing from {p}; "
+                                        "download the missing shard")
+                self._headers[p / fname] = read_safetensors_header(p / fname)
+            for k, v in weight_map.items():
+                if k not in self._headers[p / v][0]:
+                    raise EvomergeError(f"{p / SAFETENSORS_INDEX} places tensor {k!r} in {v}, which does not hold it; "
+                                        "the index and the shards are from different saves")
             self._where = {k: p / v for k, v in weight_map.items()}
         elif (p / "model.safetensors").is_file():
-            with safe_open(p / "model.safetensors", framework="pt") as f:
-                self._where = {k: p / "model.safetensors" for k in f.keys()}
+            file = p / "model.safetensors"
+            self._headers[file] = read_safetensors_header(file)
+            self._where = {k: file for k in self._headers[file][0]}
         else:
             pickles = sorted(p.glob("*.bin")) + sorted(p.glob("*.pt")) + sorted(p.glob("*.pth"))
             if not pickles:
@@ -109,7 +186,7 @@ class Checkpoint:
                 )
             self._pickle = True
             if (p / PICKLE_INDEX).is_file():
-                weight_map = json.loads((p / PICKLE_INDEX).read_text())["weight_map"]
+                weight_map = read_json(p / PICKLE_INDEX, PICKLE_INDEX).get("weight_map") or {}
                 self._where = {k: p / v for k, v in weight_map.items()}
             else:
                 for f in pickles:
@@ -147,11 +224,35 @@ class Checkpoint:
                 if self._pickle:
                     shapes.update({k: tuple(v.shape) for k, v in self._load_pickle(file).items()})
                     continue
-                with safe_open(file, framework="pt") as f:
-                    for k in f.keys():
-                        shapes[k] = tuple(f.get_slice(k).get_shape())
-            self._shapes = shapes
+                shapes.update({k: tuple(info["shape"]) for k, info in self._headers[file][0].items()})
+            self._shapes = {k: shapes[k] for k in self._where if k in shapes}
         return self._shapes
+
+    def numel(self) -> int:
+        """Elements over every tensor (from the headers)."""
+        total = 0
+        for shape in self.shapes().values():
+            n = 1
+            for d in shape:
+                n *= int(d)
+            total += n
+        return total
+
+    def fingerprint(self) -> str:
+        """A hash of what identifies these weights without reading them: the config, the index, and
+        each weight file's name, size and safetensors header (tensor names, dtypes, shapes, offsets)."""
+        h = hashlib.sha256()
+        for name in ("config.json", SAFETENSORS_INDEX, PICKLE_INDEX):
+            if (self.path / name).is_file():
+                h.update(name.encode() + b"\0" + (self.path / name).read_bytes())
+        for file in sorted(dict.fromkeys(self._where.values())):
+            stat = file.stat()
+            h.update(f"{file.name}\0{stat.st_size}\0".encode())
+            if file in self._headers:
+                h.update(self._headers[file][1])
+            else:  # pickles have no header to hash: their modification time stands in for it
+                h.update(str(stat.st_mtime_ns).encode())
+        return h.hexdigest()[:16]
 
     def _file(self, name: str) -> Path:
         try:
@@ -168,8 +269,11 @@ class Checkpoint:
         if self._pickle:
             t = self._load_pickle(file)[name]
         else:
-            with safe_open(file, framework="pt", device="cpu") as f:
-                t = f.get_tensor(name)
+            try:
+                with safe_open(file, framework="pt", device="cpu") as f:
+                    t = f.get_tensor(name)
+            except Exception as exc:  # the header passed but the bytes did not: one line, not a traceback
+                raise _corrupt(file, f"reading {name!r} failed: {str(exc).splitlines()[0][:120]}") from None
         return t.to(device=device, dtype=dtype or t.dtype)
 
     def iter_tensors(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
@@ -189,21 +293,103 @@ def parse_size(text: str | int) -> int:
     return int(num * base ** " KMGT".index(unit or " "))
 
 
+OUTPUT_MARKER = ".evomerge-output"  # in every folder evomerge writes: only such folders may be overwritten
+WRITER_MARKER = ".evomerge-writer"  # in a temporary folder while it is written: who is writing it
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Remove `.NAME.tmp-*` / `.NAME.old-*` siblings that a dead evomerge writer left behind.
+
+    Only folders that carry evomerge's writer marker naming a process on this host that no
+    longer runs are removed (or empty ones, a writer killed before its marker landed): a
+    temporary folder of a live writer, another host's, or anything else is left alone.
+    """
+    removed = []
+    for tmp in list(out.parent.glob(f".{out.name}.tmp-*")) + list(out.parent.glob(f".{out.name}.old-*")):
+        if not tmp.is_dir():
+            continue
+        marker = tmp / WRITER_MARKER
+        try:
+            owner = json.loads(marker.read_text()) if marker.is_file() else None
+        except (OSError, json.JSONDecodeError):
+            continue
+        if owner is None:
+            stale = not any(tmp.iterdir()) and time.time() - tmp.stat().st_mtime > 60
+        else:
+            stale = owner.get("host") == socket.gethostname() and not _alive(int(owner.get("pid", -1)))
+        if stale:
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_output_folder(out_dir: str | os.PathLike, overwrite: bool = False, protect: Iterable[str | os.PathLike] = ()) -> Path:
+    """Refuse, before any work, an output folder that cannot or must not be written.
+
+    `--overwrite` replaces only a folder evomerge wrote (it holds OUTPUT_MARKER), and never one
+    that is or contains the current directory or any of `protect` (the recipe, the models).
+    """
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists():
+        if not out.is_dir():
+            raise EvomergeError(f"output {out} is a file; pass a folder path")
+        if not overwrite:
+            raise EvomergeError(f"output folder {out} already exists; pick a new folder or pass --overwrite")
+        cwd = Path.cwd().resolve()
+        if _inside(cwd, out):
+            raise EvomergeError(f"--overwrite refused: {out} is (or contains) the current directory; pick a new output folder")
+        for item in protect:
+            p = Path(item).expanduser()
+            if p.exists() and _inside(p.resolve(), out):
+                raise EvomergeError(f"--overwrite refused: {out} holds {p}, an input of this merge; pick a new output folder")
+        if not (out / OUTPUT_MARKER).is_file():
+            raise EvomergeError(f"--overwrite refused: {out} was not written by evomerge (no {OUTPUT_MARKER} in it); "
+                                "remove it yourself or pick a new output folder")
+    parent = out.parent
+    existing = parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise EvomergeError(f"cannot write {out}: {existing} is not writable; pick an output folder you can write to")
+    return out
+
+
 @contextmanager
-def atomic_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def atomic_folder(out_dir: str | os.PathLike, overwrite: bool = False,
+                  protect: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces `out_dir` in one rename.
 
     An exception (or a kill) leaves `out_dir` as it was: either absent or the previous model.
+    The temporary folder names its writer, so the next write to the same target removes what a
+    killed writer left behind.
     """
-    out = Path(out_dir).resolve()
-    if out.exists() and not overwrite:
-        raise EvomergeError(f"output folder {out} already exists; pick a new folder or pass --overwrite")
+    out = check_output_folder(out_dir, overwrite, protect)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
+        (tmp / WRITER_MARKER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                                      "started": time.time()}))
         yield tmp
+        (tmp / WRITER_MARKER).unlink()
+        (tmp / OUTPUT_MARKER).write_text(json.dumps({"written_by": "evomerge", "time": time.time()}) + "\n")
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            (old / WRITER_MARKER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
             os.rename(out, old / out.name)
             os.rename(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
@@ -255,9 +441,10 @@ def write_model(
     shard_size: int | str = "5GB",
     extra_files: Mapping[str, str] | None = None,
     overwrite: bool = False,
+    protect: Iterable[str | os.PathLike] = (),
 ) -> Path:
     """Write a loadable HF model folder atomically: weights, config, generation config, tokenizer."""
-    with atomic_folder(out_dir, overwrite=overwrite) as tmp:
+    with atomic_folder(out_dir, overwrite=overwrite, protect=protect) as tmp:
         write_safetensors(tmp, tensors, shard_size)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         if config_source is not None and (config_source / "generation_config.json").is_file():

@@ -1,22 +1,30 @@
-"""`evomerge` command line."""
+"""`evomerge` command line.
+
+Nothing heavy is imported at the top (torch, transformers load in the subcommands), so
+`evomerge --help` answers at once. Every failure a user can cause ends as one line on stderr and
+exit status 2: an EvomergeError, a bad flag, a damaged journal, Ctrl-C (or SIGTERM).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
+import sqlite3
 import sys
 
 from evomerge.errors import EvomergeError
 
 
 def _merge(args: argparse.Namespace) -> None:
+    from evomerge.loader import load_recipe
     from evomerge.merge import merge_to_disk
-    from evomerge.recipe import Recipe
 
-    recipe = Recipe.load(args.recipe)
+    recipe = load_recipe(args.recipe)
     out = merge_to_disk(
         recipe, args.out_dir, device=args.device, shard_size=args.shard_size,
         allow_pickle=args.allow_pickle, overwrite=args.overwrite, progress=not args.quiet,
+        protect=[args.recipe],
     )
     print(f"wrote {out}")
 
@@ -30,52 +38,44 @@ def _tiny(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from evomerge.campaign import run_campaign
+    from evomerge.config import load_campaign
 
-    out = run_campaign(args.config, args.out, progress=not args.quiet)
-    _print_front(out.front)
+    campaign = load_campaign(args.config)
+    if args.dry_run:
+        from evomerge.preflight import describe, preflight
+
+        plan = preflight(campaign, build=False)
+        for line in describe(plan):
+            print(line)
+        print(f"dry run: nothing was loaded or written (campaign folder {args.out})")
+        return
+    from evomerge.campaign import CampaignRunner
+    from evomerge.view import front_lines
+
+    out = CampaignRunner(campaign, args.out, progress=not args.quiet).run()
+    print("\n".join(front_lines(out.front)))
 
 
 def _resume(args: argparse.Namespace) -> None:
     from evomerge.campaign import resume_campaign
+    from evomerge.view import front_lines
 
     out = resume_campaign(args.dir, progress=not args.quiet)
-    _print_front(out.front)
-
-
-def _print_front(front: list[dict]) -> None:
-    print(f"front: {len(front)} member(s)")
-    for m in front:
-        objs = ", ".join(f"{k}={v:.4g}" for k, v in m["objectives"].items())
-        hold = ", ".join(f"{k}={v:.4g}" for k, v in m["holdout"].items() if isinstance(v, float))
-        print(f"  #{m['id']}: {objs}" + (f"   held-out: {hold}" if hold else ""))
+    print("\n".join(front_lines(out.front)))
 
 
 def _status(args: argparse.Namespace) -> None:
-    from evomerge.campaign import campaign_status
+    from evomerge.view import load_view, status_lines
 
-    st = campaign_status(args.dir)
-    if args.json:
-        print(json.dumps(st))
-        return
-    state = "done" if st["done"] else ("pending" if st["evaluated"] < st["budget"] else "finishing")
-    print(f"{st['name']}: {st['evaluated']}/{st['budget']} candidates evaluated ({st['failed']} failed), "
-          f"{st['generations']} generation(s), {state}")
-    for k, v in st["best"].items():
-        print(f"  best {k}: {v:.4g}")
-    print(f"  front: {st['front_size']} member(s); hypervolume by generation: "
-          + ", ".join(f"{h:.4g}" for h in st["hypervolume"][-8:]))
+    view = load_view(args.dir)
+    print(json.dumps(view.to_json()) if args.json else "\n".join(status_lines(view)))
 
 
 def _front(args: argparse.Namespace) -> None:
-    from evomerge.campaign import front_members, open_campaign
+    from evomerge.view import front_lines, load_view
 
-    members = front_members(*open_campaign(args.dir))
-    if args.json:
-        print(json.dumps([{k: m[k] for k in ("id", "objectives", "holdout", "recipe", "generation", "metrics")}
-                          for m in members]))
-        return
-    _print_front(members)
+    front = load_view(args.dir).front
+    print(json.dumps([m.to_json() for m in front]) if args.json else "\n".join(front_lines(front)))
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -100,17 +100,25 @@ def _eval(args: argparse.Namespace) -> None:
         spec["language_check"] = True
     report = evaluate_folder(args.model, spec, device=args.device, allow_pickle=args.allow_pickle)
     if args.json:
-        print(json.dumps(report))
+        print(json.dumps(report, allow_nan=False))
         return
     ident = report["identity"]
     print(f"{args.model}: {ident.get('task')} [{ident.get('split')}, n={ident.get('n')}] in {report['seconds']:.1f} s")
     for k, v in report["metrics"].items():
-        print(f"  {k}: {v:.4f}")
+        print(f"  {k}: {v:.4f}" if v is not None else f"  {k}: not finite (the model's outputs are NaN or infinite)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (the usage is one --help away)."""
+
+    def error(self, message: str):
+        print(f"evomerge: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="evomerge", description="Evolutionary model-merge search.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="evomerge", description="Evolutionary model-merge search.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     m = sub.add_parser("merge", help="materialize one recipe (evomerge or mergekit YAML) into a model folder")
     m.add_argument("recipe", help="recipe YAML/JSON, or a mergekit config")
     m.add_argument("out_dir", help="output folder (written atomically)")
@@ -123,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="start (or continue) a campaign from a config")
     r.add_argument("config")
     r.add_argument("--out", required=True, help="campaign folder (journal.sqlite lives here)")
+    r.add_argument("--dry-run", action="store_true",
+                   help="check everything and print the plan (genome, candidates, evaluators, memory); load nothing")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=_run)
     for name, func, flag, text in (
@@ -168,13 +178,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)  # a polite kill cleans up like Ctrl-C does
     try:
         args.func(args)
     except EvomergeError as exc:
-        print(f"evomerge: error: {exc}", file=sys.stderr)
+        print(f"evomerge: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("evomerge: error: interrupted; nothing half-written was kept (a campaign continues with "
+              "`evomerge resume DIR`)", file=sys.stderr)
+        return 2
+    except sqlite3.Error as exc:
+        print(f"evomerge: error: the campaign journal cannot be read ({exc}); restore journal.sqlite from a backup, "
+              "or start again in a new --out folder", file=sys.stderr)
+        return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

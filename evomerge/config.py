@@ -6,12 +6,18 @@
     sources: {reverse: builtin:demo/reverse, sort: builtin:demo/sort}
     search_space: {kind: ps, method: task_arithmetic, parameters: {weight: [0.0, 1.0]}, granularity: global}
     optimizer: {name: cma}             # cma | nevergrad:<Name> | nsga2 ; population, sigma0
-    budget: 84                         # candidates to evaluate
+    budget: 84                         # candidates to evaluate, exactly
     objectives:
       - {name: mean_acc, metrics: {reverse: 0.5, sort: 0.5}, direction: maximize}
     fitness: [{task: synthetic:reverse, split: fitness, n: 100}, ...]
     holdout: [{task: synthetic:reverse, split: holdout, n: 300}, ...]
+    holdout_max: 8                     # front members scored on the held-out evaluators
     executor: {kind: local, device: cpu}
+
+This module checks the generic fields. The `search_space` block is checked by the space its
+`kind` names, the `executor` block by its executor kind, and evaluator specs when pre-flight
+builds them: each part validates what it owns. An unknown key anywhere is an error that names
+the allowed keys and the closest one.
 """
 
 from __future__ import annotations
@@ -24,14 +30,14 @@ from typing import Any
 
 import yaml
 
-from evomerge.errors import EvomergeError
-from evomerge.methods import METHODS
+from evomerge.errors import EvomergeError, check_keys, close_match, is_count, is_number
+from evomerge.recipe import DTYPES
 
-GRANULARITIES = ("global", "groups")
 DIRECTIONS = ("maximize", "minimize")
-EXECUTORS = ("local",)
 TOP_LEVEL = ("name", "seed", "base", "sources", "search_space", "optimizer", "budget", "objectives", "fitness",
-             "holdout", "executor", "dtype", "racing")
+             "holdout", "holdout_max", "executor", "dtype", "racing")
+OBJECTIVE_KEYS = ("name", "metrics", "direction", "reference")
+RACING_KEYS = ("stages", "z")
 
 
 @dataclass
@@ -39,9 +45,13 @@ class Objective:
     name: str
     metrics: dict[str, float]  # metric -> weight in the weighted sum
     direction: str = "maximize"
+    reference: float | None = None  # hypervolume reference value (None: from the first generation)
 
     def value(self, metrics: dict[str, float]) -> float:
         return float(sum(w * metrics[m] for m, w in self.metrics.items()))
+
+    def better(self, a: float, b: float) -> bool:
+        return a > b if self.direction == "maximize" else a < b
 
 
 @dataclass
@@ -49,7 +59,7 @@ class Campaign:
     name: str
     base: str | None
     sources: dict[str, str]  # display name -> model reference
-    search_space: dict
+    search_space: dict  # validated by its kind (search_spaces registry)
     optimizer: dict
     budget: int
     objectives: list[Objective]
@@ -59,6 +69,7 @@ class Campaign:
     seed: int = 0
     dtype: str = "float32"
     racing: dict | None = None  # {stages: [fractions], z: float}; see evomerge.racing
+    holdout_max: int = 8
     raw: dict = field(default_factory=dict)  # the config as given: what the journal stores and compares
 
     @property
@@ -76,114 +87,183 @@ def _need(data: dict, key: str, where: str = "") -> Any:
     return data[key]
 
 
-def parse_campaign(data: Any, origin: str = "config") -> Campaign:
-    if not isinstance(data, dict):
-        raise EvomergeError(f"{origin}: expected a mapping at the top level")
-    unknown = sorted(set(data) - set(TOP_LEVEL))
-    if unknown:
-        raise _fail(unknown[0], data[unknown[0]], f"top-level fields {', '.join(TOP_LEVEL)}")
-    raw = copy.deepcopy(data)
+def _block(data: dict, key: str, default: dict) -> dict:
+    value = data.get(key)
+    if value is None:
+        return dict(default)
+    if not isinstance(value, dict):
+        raise _fail(key, value, "a mapping")
+    return dict(value)
 
-    sources = _need(data, "sources")
+
+def parse_sources(sources: Any) -> dict[str, str]:
     if isinstance(sources, list):
-        sources = {Path(str(s)).name: str(s) for s in sources}
+        named: dict[str, str] = {}
+        for s in sources:
+            if not isinstance(s, str) or not s:
+                raise _fail("sources", sources, "a mapping {name: model path} or a list of model paths")
+            name = Path(s).name or s
+            if name in named:
+                raise EvomergeError(f"config field 'sources': two sources are named {name!r} ({named[name]} and {s}); "
+                                    "name them yourself: sources: {a: PATH, b: PATH}")
+            named[name] = s
+        sources = named
     if not isinstance(sources, dict) or not sources:
         raise _fail("sources", sources, "a mapping {name: model path} or a list of model paths, at least one")
+    for k, v in sources.items():
+        if not isinstance(v, str) or not v:
+            raise _fail(f"sources.{k}", v, "a model folder, hub id or builtin:<family>/<member>")
+    refs = list(sources.values())
+    for i, ref in enumerate(refs):
+        if ref in refs[:i]:
+            names = [k for k, v in sources.items() if v == ref]
+            raise EvomergeError(f"config field 'sources': {names} are the same model ({ref}); each source must "
+                                "differ, or its parameters duplicate another's")
+    return {str(k): v for k, v in sources.items()}
 
-    space = dict(_need(data, "search_space"))
-    kind = space.get("kind", "ps")
-    if kind != "ps":
-        raise _fail("search_space.kind", kind, "ps (data-flow spaces come later)")
-    method = space.get("method", "task_arithmetic")
-    if method not in METHODS:
-        raise _fail("search_space.method", method, ", ".join(METHODS))
-    gran = space.get("granularity", "global")
-    if gran not in GRANULARITIES:
-        raise _fail("search_space.granularity", gran, ", ".join(GRANULARITIES))
-    params = space.get("parameters") or {"weight": [0.0, 1.0]}
-    searchable = set(METHODS[method].source_params)
-    for p, rng in params.items():
-        if p not in searchable:
-            raise _fail(f"search_space.parameters.{p}", rng, f"per-source parameters of {method}: {sorted(searchable) or 'none'}")
-        if not (isinstance(rng, list) and len(rng) == 2 and all(isinstance(v, (int, float)) for v in rng) and rng[0] < rng[1]):
-            raise _fail(f"search_space.parameters.{p}", rng, "a range [low, high] with low < high")
-    space.update(kind=kind, method=method, granularity=gran, parameters=params)
-    space.setdefault("families", False)
-    space.setdefault("fixed", {})
 
-    opt = dict(data.get("optimizer") or {"name": "cma"})
-    name = str(opt.get("name", "cma"))
-    if not (name in ("cma", "nsga2") or name.startswith("nevergrad:")):
-        raise _fail("optimizer.name", name, "cma, nsga2, nevergrad:<OptimizerName>")
-    opt["name"] = name
+def parse_optimizer(opt: dict) -> dict:
+    from evomerge.optimizers import optimizer_names
+
+    check_keys(opt, ("name", "population", "sigma0"), "optimizer")
+    name = opt.get("name", "cma")
+    kinds = optimizer_names()
+    if not isinstance(name, str) or name.split(":", 1)[0] not in kinds or (name.startswith("nevergrad") and ":" not in name):
+        raise _fail("optimizer.name", name, "cma, nsga2, nevergrad:<OptimizerName>" + close_match(name, kinds))
     pop = opt.get("population")
-    if pop is not None and (not isinstance(pop, int) or pop < 2):
+    if pop is not None and not is_count(pop, 2):
         raise _fail("optimizer.population", pop, "an integer >= 2 (or leave it out for the default)")
+    sigma = opt.get("sigma0")
+    if sigma is not None and not (is_number(sigma) and 0 < sigma <= 1):
+        raise _fail("optimizer.sigma0", sigma, "a number in (0, 1]: the initial step in the unit box (default 1/6)")
+    return dict(opt, name=name)
 
-    budget = _need(data, "budget")
-    if not isinstance(budget, int) or budget < 1:
-        raise _fail("budget", budget, "a positive integer (number of candidates)")
 
+def parse_objectives(items: Any) -> list[Objective]:
+    if not isinstance(items, list) or not items:
+        raise _fail("objectives", items, "a list of at least one {name, metrics, direction}")
     objectives = []
-    for i, o in enumerate(_need(data, "objectives")):
+    for i, o in enumerate(items):
+        where = f"objectives[{i}]"
         if not isinstance(o, dict) or "name" not in o or "metrics" not in o:
-            raise _fail(f"objectives[{i}]", o, "{name: ..., metrics: {metric: weight} or [metrics], direction: maximize|minimize}")
+            raise _fail(where, o, "{name: ..., metrics: {metric: weight} or [metrics], direction: maximize|minimize}")
+        check_keys(o, OBJECTIVE_KEYS, where)
         metrics = o["metrics"]
-        if isinstance(metrics, list):
+        if isinstance(metrics, list) and metrics and all(isinstance(m, str) for m in metrics):
             metrics = {m: 1.0 / len(metrics) for m in metrics}
+        if not isinstance(metrics, dict) or not metrics:
+            raise _fail(f"{where}.metrics", metrics, "a list of metric names, or {metric: weight}")
+        for m, w in metrics.items():
+            if not is_number(w):
+                raise _fail(f"{where}.metrics.{m}", w, "a finite number (the metric's weight in the sum)")
         direction = o.get("direction", "maximize")
         if direction not in DIRECTIONS:
-            raise _fail(f"objectives[{i}].direction", direction, ", ".join(DIRECTIONS))
-        objectives.append(Objective(str(o["name"]), {str(k): float(v) for k, v in metrics.items()}, direction))
-    if not objectives:
-        raise _fail("objectives", [], "at least one objective")
-    if len(objectives) > 1 and name == "cma":
-        raise _fail("optimizer.name", name, "nsga2 (or a nevergrad multi-objective optimizer) for several objectives")
+            raise _fail(f"{where}.direction", direction, ", ".join(DIRECTIONS) + close_match(direction, DIRECTIONS))
+        ref = o.get("reference")
+        if ref is not None and not is_number(ref):
+            raise _fail(f"{where}.reference", ref, "a finite number (the hypervolume reference for this objective)")
+        objectives.append(Objective(str(o["name"]), {str(k): float(v) for k, v in metrics.items()}, direction,
+                                    float(ref) if ref is not None else None))
+    names = [o.name for o in objectives]
+    if len(set(names)) != len(names):
+        raise _fail("objectives", names, "distinct objective names")
+    return objectives
 
-    fitness = data.get("fitness") or []
-    if not fitness:
-        raise _fail("fitness", fitness, "a non-empty list of evaluators like {task: synthetic:reverse, split: fitness, n: 100}")
-    for key in ("fitness", "holdout"):
-        for i, ev in enumerate(data.get(key) or []):
-            if not isinstance(ev, dict) or "task" not in ev:
-                raise _fail(f"{key}[{i}]", ev, "{task: NAME, split: SPLIT, n: COUNT}")
 
-    executor = dict(data.get("executor") or {"kind": "local"})
-    if executor.get("kind", "local") not in EXECUTORS:
-        raise _fail("executor.kind", executor.get("kind"), ", ".join(EXECUTORS))
-    executor.setdefault("kind", "local")
-    executor.setdefault("device", "cpu")
-
-    racing = data.get("racing")
+def parse_racing(racing: Any, objectives: list[Objective]) -> dict | None:
     if racing is True:
         racing = {}
-    if racing not in (None, False):
-        if not isinstance(racing, dict) or set(racing) - {"stages", "z"}:
-            raise _fail("racing", racing, "true, or {stages: [0.25, 0.5], z: 2.0}")
-        stages = racing.get("stages", [0.25, 0.5])
-        if not (isinstance(stages, list) and stages and all(isinstance(f, (int, float)) and 0 < f < 1 for f in stages)
-                and stages == sorted(stages)):
-            raise _fail("racing.stages", stages, "increasing fractions between 0 and 1, e.g. [0.25, 0.5]")
-        if len(objectives) != 1 or objectives[0].direction != "maximize" or min(objectives[0].metrics.values()) < 0:
-            raise _fail("racing", racing, "one maximized objective with non-negative metric weights")
-        racing = {"stages": [float(f) for f in stages], "z": float(racing.get("z", 2.0))}
-    else:
-        racing = None
+    if racing in (None, False):
+        return None
+    if not isinstance(racing, dict):
+        raise _fail("racing", racing, "true, or {stages: [0.25, 0.5], z: 2.0}")
+    check_keys(racing, RACING_KEYS, "racing")
+    stages = racing.get("stages", [0.25, 0.5])
+    if not (isinstance(stages, list) and stages and all(is_number(f) and 0 < f < 1 for f in stages)
+            and stages == sorted(stages)):
+        raise _fail("racing.stages", stages, "increasing fractions between 0 and 1, e.g. [0.25, 0.5]")
+    z = racing.get("z", 2.0)
+    if not (is_number(z) and z > 0):
+        raise _fail("racing.z", z, "a positive number (2.0: a one-sided ~97.7 % bound)")
+    if len(objectives) != 1 or objectives[0].direction != "maximize" or min(objectives[0].metrics.values()) < 0:
+        raise _fail("racing", racing, "one maximized objective with non-negative metric weights")
+    return {"stages": [float(f) for f in stages], "z": float(z)}
+
+
+def parse_evaluator_specs(data: dict, key: str) -> list[dict]:
+    specs = data.get(key) or []
+    if not isinstance(specs, list):
+        raise _fail(key, specs, "a list of evaluators like {task: synthetic:reverse, split: fitness, n: 100}")
+    for i, ev in enumerate(specs):
+        if not isinstance(ev, dict) or not isinstance(ev.get("task"), str):
+            raise _fail(f"{key}[{i}]", ev, "{task: NAME, split: SPLIT, n: COUNT}")
+    return [dict(s) for s in specs]
+
+
+def parse_campaign(data: Any, origin: str = "config") -> Campaign:
+    from evomerge.executors import executor_kind
+    from evomerge.search_spaces import space_kind
+
+    if not isinstance(data, dict):
+        raise EvomergeError(f"{origin}: expected a mapping at the top level")
+    unknown = [k for k in data if k not in TOP_LEVEL]
+    if unknown:
+        raise _fail(unknown[0], data[unknown[0]], f"top-level fields {', '.join(TOP_LEVEL)}{close_match(unknown[0], TOP_LEVEL)}")
+    raw = copy.deepcopy(data)
+
+    name = data.get("name", "campaign")
+    if not isinstance(name, str) or not name:
+        raise _fail("name", name, "a non-empty string")
+    seed = data.get("seed", 0)
+    if not is_count(seed):
+        raise _fail("seed", seed, "a non-negative integer (the optimizer and DARE's drop are seeded from it)")
+    base = data.get("base")
+    if base is not None and (not isinstance(base, str) or not base):
+        raise _fail("base", base, "a model folder, hub id or builtin:<family>/<member>")
+    sources = parse_sources(_need(data, "sources"))
+    dtype = data.get("dtype", "float32")
+    if dtype not in DTYPES:
+        raise _fail("dtype", dtype, ", ".join(DTYPES) + close_match(dtype, DTYPES))
+
+    space = _block(data, "search_space", {})
+    if "search_space" not in data:
+        raise EvomergeError("config field 'search_space' is missing")
+    space = space_kind(space.get("kind", "ps")).validate(space, "search_space")
+
+    optimizer = parse_optimizer(_block(data, "optimizer", {"name": "cma"}))
+    budget = _need(data, "budget")
+    if not is_count(budget, 1):
+        raise _fail("budget", budget, "a positive integer (number of candidates)")
+    objectives = parse_objectives(_need(data, "objectives"))
+    if len(objectives) > 1 and optimizer["name"] == "cma":
+        raise _fail("optimizer.name", "cma", "nsga2 (or a nevergrad multi-objective optimizer) for several objectives")
+
+    fitness = parse_evaluator_specs(data, "fitness")
+    if not fitness:
+        raise _fail("fitness", data.get("fitness"), "a non-empty list of evaluators like {task: synthetic:reverse, split: fitness, n: 100}")
+    holdout = parse_evaluator_specs(data, "holdout")
+    holdout_max = data.get("holdout_max", 8)
+    if not is_count(holdout_max, 1):
+        raise _fail("holdout_max", holdout_max, "a positive integer (front members scored on the held-out evaluators)")
+
+    executor = _block(data, "executor", {"kind": "local"})
+    executor = executor_kind(executor.get("kind", "local")).validate(executor, "executor")
 
     return Campaign(
-        name=str(data.get("name", "campaign")),
-        base=str(data["base"]) if data.get("base") else None,
-        sources={str(k): str(v) for k, v in sources.items()},
+        name=name,
+        base=base,
+        sources=sources,
         search_space=space,
-        optimizer=opt,
+        optimizer=optimizer,
         budget=budget,
         objectives=objectives,
-        fitness=list(fitness),
-        holdout=list(data.get("holdout") or []),
+        fitness=fitness,
+        holdout=holdout,
         executor=executor,
-        seed=int(data.get("seed", 0)),
-        dtype=str(data.get("dtype", "float32")),
-        racing=racing,
+        seed=seed,
+        dtype=dtype,
+        racing=parse_racing(data.get("racing"), objectives),
+        holdout_max=holdout_max,
         raw=raw,
     )
 
@@ -191,10 +271,11 @@ def parse_campaign(data: Any, origin: str = "config") -> Campaign:
 def load_campaign(path: str | Path) -> Campaign:
     path = Path(path)
     if not path.is_file():
-        raise EvomergeError(f"config file {path} does not exist")
+        raise EvomergeError(f"config file {path} does not exist" if not path.exists()
+                            else f"config {path} is a folder; pass the campaign YAML file")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise EvomergeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     return parse_campaign(data, str(path))
 
@@ -206,6 +287,6 @@ def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
         a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
         if isinstance(a, dict) and isinstance(b, dict):
             out += config_diff(a, b, f"{prefix}{key}.")
-        elif json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
-            out.append(f"{prefix}{key}: {json.dumps(a)} -> {json.dumps(b)}")
+        elif json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
+            out.append(f"{prefix}{key}: {json.dumps(a, default=str)} -> {json.dumps(b, default=str)}")
     return out

@@ -41,12 +41,45 @@ def family_dir() -> Path:
     return cache_root() / FAMILY_VERSION
 
 
-def builtin_model(name: str) -> Path:
-    """`demo/<member>` -> the folder of that family member, building the family on first use."""
-    family, _, member = name.partition("/")
-    if family != "demo" or member not in ("base", *SKILLS):
-        raise EvomergeError(f"unknown builtin model {name!r}; available: demo/base, " + ", ".join(f"demo/{s}" for s in SKILLS))
-    return ensure_family() / member
+MEMBERS = ("base", *SKILLS)
+ARCH = dict(hidden=64, layers=4, intermediate=128, heads=4)
+
+
+def describe_member(member: str):
+    """Config and tensor shapes of a family member, from a model on the meta device (nothing trained)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.models import ModelInfo
+    from evomerge.tiny import tiny_config
+
+    config = tiny_config("llama", **ARCH)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    return ModelInfo(f"builtin:demo/{member}", family_dir() / member, config.to_dict(), shapes, 4)
+
+
+def _tokenizer():
+    from evomerge.tiny import char_tokenizer
+
+    return char_tokenizer()
+
+
+def _register() -> None:
+    from evomerge.models import BuiltinFamily, register_family
+
+    register_family(BuiltinFamily(
+        "demo", MEMBERS,
+        build=lambda member: ensure_family() / member,
+        location=lambda member: family_dir() / member,
+        describe=describe_member,
+        is_built=lambda: (family_dir() / "done").is_file(),
+        tokenizer=_tokenizer,
+    ))
+
+
+_register()
 
 
 def ensure_family(progress: bool = True) -> Path:
@@ -74,7 +107,7 @@ def _loss(model, batch) -> torch.Tensor:
 
 
 def _train(model, tokenizer, train_sets, mix: dict[str, float], steps: int, lr: float, seed: int, bar=None) -> None:
-    from evaluators.synthetic import encode
+    from evomerge.evaluators.synthetic import encode
 
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -99,13 +132,13 @@ def train_family(root: Path, progress: bool = True) -> dict[str, Path]:
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
 
-    from evaluators.synthetic import TASKS, examples
+    from evomerge.evaluators.synthetic import TASKS, examples
     from evomerge.tiny import char_tokenizer, save_model, tiny_config
 
     torch.manual_seed(0)
     tokenizer = char_tokenizer()
     train_sets = {t: examples(t, "train", 3000) for t in TASKS}
-    base = AutoModelForCausalLM.from_config(tiny_config("llama", hidden=64, layers=4, intermediate=128, heads=4))
+    base = AutoModelForCausalLM.from_config(tiny_config("llama", **ARCH))
     bar = tqdm(total=BASE_STEPS + EXPERT_STEPS * len(SKILLS), desc="training the demo family", unit="step",
                disable=not progress, dynamic_ncols=True, mininterval=1.0)
     with bar:
@@ -129,6 +162,7 @@ def run_demo(out: str | Path, budget: int | None = None, config: str | Path | No
     from evomerge.campaign import CampaignRunner
     from evomerge.config import parse_campaign
     from evomerge.recipe import Recipe
+    from evomerge.worker import HOLDOUT, Task
 
     config_path = Path(config) if config else DEMO_CONFIG
     if not config_path.is_file():
@@ -140,22 +174,25 @@ def run_demo(out: str | Path, budget: int | None = None, config: str | Path | No
     ensure_family(progress=progress)
     runner = CampaignRunner(parse_campaign(data, str(config_path)), out, progress=progress)
     outcome = runner.run()
-    objective = runner.c.objectives[0]
-    winner = max(outcome.front, key=lambda m: m["objectives"][objective.name])
+    objective = runner.campaign.objectives[0]
+    winner = max(outcome.front, key=lambda m: m.objectives[objective.name])
 
     # Baselines on the held-out split, scored exactly like the campaign's front members.
     worker = runner.executor.worker
+    sources = runner.sources
     baselines = {name: Recipe.from_dict({"method": "linear", "sources": [{"model": ref, "parameters": {"weight": 1.0}}]})
-                 for name, ref in runner.sources.items()}
+                 for name, ref in sources.items()}
     baselines["uniform"] = Recipe.from_dict({"method": "linear", "sources": [
-        {"model": ref, "parameters": {"weight": 1.0}} for ref in runner.sources.values()]})
+        {"model": ref, "parameters": {"weight": 1.0}} for ref in sources.values()]})
     baselines["base"] = Recipe.from_dict({"method": "task_arithmetic", "base": runner.base, "sources": [
-        {"model": ref, "parameters": {"weight": 0.0}} for ref in runner.sources.values()]})
+        {"model": ref, "parameters": {"weight": 0.0}} for ref in sources.values()]})
     rows = {}
     for name, recipe in baselines.items():
-        res = worker.run(-1, recipe, "holdout")
+        res = worker.run(Task(-1, recipe.to_dict(), HOLDOUT))
+        if res.error:
+            raise EvomergeError(f"demo baseline {name!r} could not be scored: {res.error}")
         rows[name] = {**res.metrics, objective.name: objective.value(res.metrics)}
-    rows["winner"] = winner["holdout"]
+    rows["winner"] = winner.holdout
     wall = time.perf_counter() - start
 
     summary = {
@@ -163,31 +200,29 @@ def run_demo(out: str | Path, budget: int | None = None, config: str | Path | No
         "holdout": {
             "winner": rows["winner"][objective.name],
             "uniform": rows["uniform"][objective.name],
-            "sources": {n: rows[n][objective.name] for n in runner.sources},
+            "sources": {n: rows[n][objective.name] for n in sources},
             "base": rows["base"][objective.name],
         },
         "metrics": rows,
-        "winner_id": winner["id"],
-        "winner_recipe": winner["recipe"],
+        "winner_id": winner.id,
+        "winner_recipe": winner.recipe,
         "evaluated": outcome.evaluated,
         "wall_s": round(wall, 1),
     }
     Path(out, "summary.json").write_text(json.dumps(summary, indent=2))
-    print_report(runner, outcome.front, rows, objective.name, wall)
+    print_report(runner.campaign, list(sources), outcome, rows, objective.name, wall)
     return summary
 
 
-def print_report(runner, front: list[dict], rows: dict, objective: str, wall: float) -> None:
-    names = list(runner.c.objectives[0].metrics)
-    print(f"\nfront ({len(front)} member{'s' if len(front) != 1 else ''}) after {runner.journal.count('done', 'raced', 'failed')} candidates:")
-    for m in front:
-        objs = ", ".join(f"{k}={v:.3f}" for k, v in m["objectives"].items())
-        print(f"  #{m['id']:<4d} {objs}")
+def print_report(campaign, source_names: list[str], outcome, rows: dict, objective: str, wall: float) -> None:
+    from evomerge.view import front_lines
+
+    names = list(campaign.objectives[0].metrics)
+    print(f"\nafter {outcome.evaluated} candidates, " + "\n".join(front_lines(outcome.front)))
     print(f"\nheld-out scores (split 'holdout', never used for fitness); wall time {wall:.0f} s")
     header = f"  {'model':<10s}" + "".join(f"{n:>10s}" for n in names) + f"{objective:>14s}"
     print(header)
     print("  " + "-" * (len(header) - 2))
-    order = ["base", *runner.sources, "uniform", "winner"]
-    for name in order:
+    for name in ["base", *source_names, "uniform", "winner"]:
         r = rows[name]
         print(f"  {name:<10s}" + "".join(f"{r[n]:>10.3f}" for n in names) + f"{r[objective]:>14.3f}")

@@ -1,5 +1,55 @@
-"""One exception type for every user-facing failure, so the CLI can print one clean line."""
+"""The two kinds of failure evomerge tells apart, and helpers for messages that name the fix.
+
+- `EvomergeError`: bad input or state (a config, a recipe, a model folder, a journal). The CLI
+  prints its message as one line and exits 2.
+- `CandidateError`: a candidate failed on its own merits (its merged weights give NaN scores,
+  say). The campaign journals it as failed and tells the optimizer a penalty. Every other
+  exception inside a worker is an infrastructure failure: retried, then the campaign stops.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Any, Iterable
 
 
 class EvomergeError(Exception):
     """Bad input or state, with a message that names the culprit and the fix."""
+
+
+class CandidateError(Exception):
+    """The candidate itself is at fault (non-finite weights or scores): a penalty, not a retry."""
+
+
+def close_match(word: Any, choices: Iterable[str]) -> str:
+    """'; did you mean X?' when a choice is close to `word`, else ''."""
+    found = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"; did you mean {found[0]!r}?" if found else ""
+
+
+def check_keys(block: dict, allowed: Iterable[str], where: str) -> None:
+    """Refuse unknown keys in a config block, naming the allowed ones and the closest match."""
+    allowed = list(allowed)
+    for key in block:
+        if key not in allowed:
+            prefix = f"{where}." if where else ""
+            raise EvomergeError(f"config field '{prefix}{key}' is unknown; allowed: {', '.join(allowed)}"
+                                f"{close_match(key, allowed)}")
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float (bools are not numbers here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_count(value: Any, low: int = 0) -> bool:
+    """An int >= low (bools excluded)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def one_line(exc: BaseException) -> str:
+    """`Type: first line of the message`, for journals and error lines."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__module__ + '.' if type(exc).__module__ not in ('builtins', '__main__') else ''}" \
+           f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")

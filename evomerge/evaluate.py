@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
-from evomerge.checkpoint import Checkpoint, resolve_model_path
+from evomerge.checkpoint import Checkpoint, read_config, resolve_model_path
+from evomerge.devices import check_device
 from evomerge.errors import EvomergeError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
 
 
 def is_vision_language(config) -> bool:
@@ -17,12 +22,32 @@ def _auto_classes(folder: str | Path):
     """(config, model class, processor) for a folder: vision-language models get their processor."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
 
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    if is_vision_language(config):
-        from transformers import AutoModelForImageTextToText
+    folder = Path(folder)
+    read_config(folder)  # a missing or broken config.json is one line, not a transformers traceback
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        raise EvomergeError(f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...); copy them "
+                            "from the model it came from (or set tokenizer_source in the recipe)")
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        if is_vision_language(config):
+            from transformers import AutoModelForImageTextToText
 
-        return config, AutoModelForImageTextToText, AutoProcessor.from_pretrained(folder, trust_remote_code=False)
-    return config, AutoModelForCausalLM, AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+            return config, AutoModelForImageTextToText, AutoProcessor.from_pretrained(folder, trust_remote_code=False)
+        return config, AutoModelForCausalLM, AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        raise EvomergeError(f"{folder}: transformers cannot load its config or tokenizer "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
+                            "check the folder is a complete Hugging Face model (no remote code is run)") from None
+
+
+def load_processor(folder: str | Path):
+    """The tokenizer (or a VLM's processor) of a model folder, without loading weights."""
+    return _auto_classes(folder)[2]
+
+
+def json_safe(values: dict) -> dict:
+    """Non-finite numbers (NaN, inf: not JSON) become null."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
 
 
 def new_model_and_processor(folder: str | Path, dtype=None):
@@ -37,16 +62,21 @@ def load_model(folder: str | Path, device: str = "cpu", allow_pickle: bool = Fal
     """(model, tokenizer or processor) from a local folder; never runs remote code."""
     import torch
 
+    check_device(device)
     path = resolve_model_path(folder)
     Checkpoint(path, allow_pickle=allow_pickle)  # refuses pickles unless opted in, before transformers sees them
     _, model_cls, processor = _auto_classes(path)
-    model = model_cls.from_pretrained(path, trust_remote_code=False, dtype=torch.float32,
-                                      use_safetensors=not allow_pickle)
+    try:
+        model = model_cls.from_pretrained(path, trust_remote_code=False, dtype=torch.float32,
+                                          use_safetensors=not allow_pickle)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise EvomergeError(f"{path}: transformers cannot load the weights ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
     return model.to(device).eval(), processor
 
 
 def evaluate_folder(folder: str | Path, spec: dict, device: str = "cpu", allow_pickle: bool = False) -> dict:
-    from evaluators import build_evaluator
+    from evomerge.evaluators import build_evaluator
 
     model, tokenizer = load_model(folder, device, allow_pickle)
     evaluator = build_evaluator(spec, tokenizer, where="eval")

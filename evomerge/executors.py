@@ -1,37 +1,44 @@
-"""Executors: where candidates are materialized and scored.
+"""Executors: where workers live. The interface is submit / collect; kinds plug in by registration.
 
-The interface is submit / collect: the driver submits candidates and takes results as they
-finish, in any order. `LocalExecutor` (the default) works in-process on one device; a Ray
-executor with GPU actors implements the same two calls.
+The driver submits Tasks and takes Results as they finish, in any order. An executor never
+interprets a result (that is the campaign's job) and never writes the journal (the driver alone
+does). `local` (the default) runs one Worker in this process on one device; a Ray executor with
+GPU actors registers the same way under `executor.kind: ray`.
+
+Each kind validates its own config block:
+
+    executor: {kind: local, device: cpu, retries: 2}
 """
 
 from __future__ import annotations
 
-import time
-import traceback
 from collections import deque
-from dataclasses import dataclass
 from typing import Iterator
 
-import torch
-
-from evomerge.recipe import Recipe
-
-
-@dataclass
-class Result:
-    cid: int
-    metrics: dict[str, float] | None
-    identity: list[dict] | None
-    error: str | None
-    materialize_s: float
-    eval_s: float
-    examples: int | None = None  # examples scored (racing may stop early)
-    raced: bool = False  # stopped early by racing: metrics are partial means
+from evomerge.errors import EvomergeError, check_keys, close_match, is_count
+from evomerge.worker import Result, Task, Worker, WorkerSpec
 
 
 class Executor:
-    def submit(self, cid: int, recipe: Recipe, split: str = "fitness", incumbent: float | None = None) -> None:
+    kind: str = ""
+    KEYS: tuple[str, ...] = ("kind", "retries")
+
+    @classmethod
+    def validate(cls, block: dict, where: str = "executor") -> dict:
+        """The block with defaults filled in, or one line naming the bad field."""
+        check_keys(block, cls.KEYS, where)
+        retries = block.get("retries", 2)
+        if not is_count(retries):
+            raise EvomergeError(f"config field '{where}.retries': bad value {retries!r}; allowed: a non-negative "
+                                "integer (attempts after an infrastructure failure before the campaign stops)")
+        return dict(block, kind=cls.kind, retries=retries)
+
+    @classmethod
+    def create(cls, block: dict, spec: WorkerSpec, prepared: dict | None = None) -> "Executor":
+        """An executor for this block. `prepared`: objects the driver already built (evaluators, tokenizer)."""
+        raise NotImplementedError
+
+    def submit(self, task: Task) -> None:
         raise NotImplementedError
 
     def collect(self) -> Iterator[Result]:
@@ -42,61 +49,51 @@ class Executor:
         """Release workers and memory."""
 
 
-class Worker:
-    """A SourceBank, one preallocated model and the evaluators: materialize + score, no disk I/O."""
-
-    def __init__(self, sources: list[str], base: str | None, fitness: list[dict], holdout: list[dict],
-                 dtype: str = "float32", device: str = "cpu", racing=None, race_weights: dict | None = None,
-                 component: dict | None = None):
-        from evaluators import build_evaluator
-        from evomerge.bank import SourceBank
-        from evomerge.evaluate import new_model_and_processor
-
-        self.bank = SourceBank(sources, base, dtype=dtype, device=device, component=component)
-        model, self.tokenizer = new_model_and_processor(self.bank.reference_path, self.bank.dtype)
-        self.model = model.to(device).eval()
-        self.evaluators = {
-            "fitness": [build_evaluator(s, self.tokenizer, f"fitness[{i}]") for i, s in enumerate(fitness)],
-            "holdout": [build_evaluator(s, self.tokenizer, f"holdout[{i}]") for i, s in enumerate(holdout)],
-        }
-        self.racing = racing
-        self.race_weights = race_weights or {}
-
-    def run(self, cid: int, recipe: Recipe, split: str, incumbent: float | None = None) -> Result:
-        from evomerge.racing import race
-
-        t0 = time.perf_counter()
-        evaluators = self.evaluators[split]
-        raced = False
-        try:
-            self.bank.materialize(recipe, self.model)
-            t1 = time.perf_counter()
-            metrics: dict[str, float] = {}
-            if self.racing is not None and split == "fitness":
-                metrics, examples, raced = race(evaluators, self.model, self.race_weights, incumbent, self.racing)
-            else:
-                with torch.no_grad():
-                    for ev in evaluators:
-                        metrics.update(ev.score(self.model))
-                examples = sum(getattr(ev, "n", 0) for ev in evaluators)
-            t2 = time.perf_counter()
-        except Exception as exc:  # a candidate that fails on its own is recorded, not fatal
-            detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
-            return Result(cid, None, None, detail, time.perf_counter() - t0, 0.0)
-        return Result(cid, metrics, [ev.identity() for ev in evaluators], None, t1 - t0, t2 - t1, examples, raced)
+EXECUTORS: dict[str, type[Executor]] = {}
 
 
+def register_executor(kind: str):
+    def add(cls: type[Executor]) -> type[Executor]:
+        cls.kind = kind
+        EXECUTORS[kind] = cls
+        return cls
+
+    return add
+
+
+def executor_kind(kind: object) -> type[Executor]:
+    if kind not in EXECUTORS:
+        raise EvomergeError(f"config field 'executor.kind': bad value {kind!r}; allowed: {', '.join(EXECUTORS)}"
+                            f"{close_match(kind, EXECUTORS)}")
+    return EXECUTORS[kind]
+
+
+@register_executor("local")
 class LocalExecutor(Executor):
     """In-process, one candidate at a time, on the campaign's device (CPU by default)."""
 
+    KEYS = ("kind", "device", "retries")
+
+    @classmethod
+    def validate(cls, block: dict, where: str = "executor") -> dict:
+        out = super().validate(block, where)
+        device = out.setdefault("device", "cpu")
+        if not isinstance(device, str):
+            raise EvomergeError(f"config field '{where}.device': bad value {device!r}; allowed: cpu, cuda, cuda:<i>")
+        return out
+
+    @classmethod
+    def create(cls, block: dict, spec: WorkerSpec, prepared: dict | None = None) -> "LocalExecutor":
+        prepared = prepared or {}
+        return cls(Worker(spec, prepared.get("evaluators"), prepared.get("tokenizer")))
+
     def __init__(self, worker: Worker):
         self.worker = worker
-        self.queue: deque = deque()
+        self.queue: deque[Task] = deque()
 
-    def submit(self, cid: int, recipe: Recipe, split: str = "fitness", incumbent: float | None = None) -> None:
-        self.queue.append((cid, recipe, split, incumbent))
+    def submit(self, task: Task) -> None:
+        self.queue.append(task)
 
     def collect(self) -> Iterator[Result]:
         while self.queue:
-            cid, recipe, split, incumbent = self.queue.popleft()
-            yield self.worker.run(cid, recipe, split, incumbent)
+            yield self.worker.run(self.queue.popleft())

@@ -1,9 +1,10 @@
 """The campaign journal: one SQLite file (WAL) that makes every candidate durable.
 
-It holds the campaign config, every candidate (genome, recipe, status, metrics, objectives,
-held-out scores, timings, error, generation) and one optimizer checkpoint per generation. A
-result is committed before the optimizer is told about it, so a kill at any moment loses at most
-the evaluations that were still running.
+It holds the campaign config, the provenance of its models, every candidate (genome, recipe,
+status, metrics, objectives, held-out scores, timings, error and its kind, racing's incumbent,
+generation) and one optimizer checkpoint per generation. A result is committed before the
+optimizer is told about it, so a kill at any moment loses at most the evaluations that were
+still running. Journals written by older versions gain the new columns on open.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from evomerge.errors import EvomergeError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -28,6 +31,9 @@ CREATE TABLE IF NOT EXISTS candidates (
     objectives TEXT,                   -- {objective: value}
     holdout TEXT,                      -- {metric or objective: value}, for front members
     error TEXT,
+    error_kind TEXT,                   -- candidate (told as a penalty) | infrastructure (never told)
+    last_error TEXT,                   -- the latest infrastructure error while the candidate was pending
+    incumbent REAL,                    -- racing: the best full objective before this generation
     attempts INTEGER NOT NULL DEFAULT 0,
     examples INTEGER,                  -- examples scored for the fitness metrics
     materialize_s REAL,
@@ -47,6 +53,10 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 """
 
 
+# Columns added after the first release: (name, type) added to older journals on open.
+ADDED_COLUMNS = (("error_kind", "TEXT"), ("last_error", "TEXT"), ("incumbent", "REAL"))
+
+
 @dataclass
 class CandidateRow:
     id: int
@@ -64,23 +74,61 @@ class CandidateRow:
     eval_s: float | None
     finished: float | None
     examples: int | None
+    error_kind: str | None = None
+    last_error: str | None = None
+    incumbent: float | None = None
+    identity: list | None = None
 
 
 def _loads(text):
     return json.loads(text) if text is not None else None
 
 
+def _dumps(values: dict | None) -> str | None:
+    """Strict JSON: a non-finite number (never a valid score) is stored as null, not as NaN."""
+    if values is None:
+        return None
+    return json.dumps({k: (v if not isinstance(v, float) or v == v and abs(v) != float("inf") else None)
+                       for k, v in values.items()}, allow_nan=False)
+
+
+def damaged(path: Path, exc: BaseException) -> EvomergeError:
+    return EvomergeError(f"{path} is damaged or not an evomerge journal ({str(exc).splitlines()[0]}); "
+                         "restore it from a backup, or start the campaign again in a new --out folder")
+
+
 class Journal:
     FILE = "journal.sqlite"
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, create: bool = True):
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
         self.path = self.folder / self.FILE
-        self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")  # a committed result survives power loss too
-        self.db.executescript(SCHEMA)
+        if not create and not self.path.is_file():
+            raise EvomergeError(f"{self.folder} holds no campaign journal ({self.FILE}); "
+                                f"start one with `evomerge run CONFIG --out {self.folder}`")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise EvomergeError(f"cannot create campaign folder {self.folder} ({exc.strerror}); "
+                                "pick an --out folder you can write to") from None
+        try:
+            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")  # a committed result survives power loss too
+            self.db.executescript(SCHEMA)
+            have = {r[1] for r in self.db.execute("PRAGMA table_info(candidates)")}
+            for column, kind in ADDED_COLUMNS:
+                if column not in have:
+                    self.db.execute(f"ALTER TABLE candidates ADD COLUMN {column} {kind}")
+            if self.db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise sqlite3.DatabaseError("integrity check failed")
+        except sqlite3.OperationalError as exc:
+            if "unable to open" in str(exc) or "readonly" in str(exc) or "disk" in str(exc):
+                raise EvomergeError(f"cannot open {self.path} ({exc}); check that the folder is writable "
+                                    "and the disk is not full") from None
+            raise damaged(self.path, exc) from None
+        except sqlite3.DatabaseError as exc:
+            raise damaged(self.path, exc) from None
 
     @classmethod
     def exists(cls, folder: str | Path) -> bool:
@@ -102,10 +150,14 @@ class Journal:
 
     def _row(self, r) -> CandidateRow:
         return CandidateRow(r[0], r[1], r[2], json.loads(r[3]), json.loads(r[4]), r[5], _loads(r[6]), _loads(r[7]),
-                            _loads(r[8]), r[9], r[10], r[11], r[12], r[13], r[14])
+                            _loads(r[8]), r[9], r[10], r[11], r[12], r[13], r[14], r[15], r[16], r[17], _loads(r[18]))
 
     _COLUMNS = ("id, generation, slot, genome, recipe, status, metrics, objectives, holdout, error, attempts, "
-                "materialize_s, eval_s, finished, examples")
+                "materialize_s, eval_s, finished, examples, error_kind, last_error, incumbent, metric_identity")
+
+    def candidate(self, cid: int) -> CandidateRow | None:
+        r = self.db.execute(f"SELECT {self._COLUMNS} FROM candidates WHERE id = ?", (cid,)).fetchone()
+        return self._row(r) if r else None
 
     def generation(self, generation: int) -> dict[int, CandidateRow]:
         rows = self.db.execute(f"SELECT {self._COLUMNS} FROM candidates WHERE generation = ?", (generation,))
@@ -119,12 +171,18 @@ class Journal:
             args = (status,)
         return [self._row(r) for r in self.db.execute(q + " ORDER BY id", args)]
 
-    def add_pending(self, generation: int, slot: int, genome: list[float], recipe: dict) -> int:
+    def add_pending(self, generation: int, slot: int, genome: list[float], recipe: dict,
+                    incumbent: float | None = None) -> int:
         cur = self.db.execute(
-            "INSERT INTO candidates (generation, slot, genome, recipe, status, created) VALUES (?, ?, ?, ?, 'pending', ?)",
-            (generation, slot, json.dumps(genome), json.dumps(recipe), time.time()),
+            "INSERT INTO candidates (generation, slot, genome, recipe, status, incumbent, created) "
+            "VALUES (?, ?, ?, ?, 'pending', ?, ?)",
+            (generation, slot, json.dumps(genome), json.dumps(recipe), incumbent, time.time()),
         )
         return int(cur.lastrowid)
+
+    def record_infrastructure_error(self, cid: int, error: str) -> None:
+        """The candidate stays pending (it was not at fault); the error is kept for `status` and `inspect`."""
+        self.db.execute("UPDATE candidates SET last_error = ? WHERE id = ?", (error, cid))
 
     def mark_started(self, cid: int) -> None:
         self.db.execute("UPDATE candidates SET attempts = attempts + 1 WHERE id = ?", (cid,))
@@ -132,20 +190,20 @@ class Journal:
     def record_result(self, cid: int, metrics: dict | None, identity: list | None, objectives: dict | None,
                       error: str | None, materialize_s: float | None, eval_s: float | None,
                       examples: int | None = None, raced: bool = False) -> None:
+        """A finished candidate: done, raced (stopped early) or failed on its own (`error`)."""
         status = "failed" if error else ("raced" if raced else "done")
         self.db.execute(
             "UPDATE candidates SET status = ?, metrics = ?, metric_identity = ?, objectives = ?, error = ?, "
-            "materialize_s = ?, eval_s = ?, examples = ?, finished = ? WHERE id = ?",
-            (status, json.dumps(metrics) if metrics is not None else None, json.dumps(identity) if identity else None,
-             json.dumps(objectives) if objectives is not None else None, error, materialize_s, eval_s, examples,
-             time.time(), cid),
+            "error_kind = ?, materialize_s = ?, eval_s = ?, examples = ?, finished = ? WHERE id = ?",
+            (status, _dumps(metrics), json.dumps(identity) if identity else None, _dumps(objectives), error,
+             "candidate" if error else None, materialize_s, eval_s, examples, time.time(), cid),
         )
 
     def examples_scored(self) -> int:
         return int(self.db.execute("SELECT COALESCE(SUM(examples), 0) FROM candidates").fetchone()[0])
 
     def record_holdout(self, cid: int, holdout: dict) -> None:
-        self.db.execute("UPDATE candidates SET holdout = ? WHERE id = ?", (json.dumps(holdout), cid))
+        self.db.execute("UPDATE candidates SET holdout = ? WHERE id = ?", (_dumps(holdout), cid))
 
     def count(self, *statuses: str) -> int:
         marks = ",".join("?" * len(statuses))

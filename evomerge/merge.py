@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Iterable
 
-from evomerge.bank import SourceBank
-from evomerge.checkpoint import resolve_model_path, write_model
-from evomerge.recipe import Recipe
+from evomerge.architecture import classify
+from evomerge.bank import SourceBank, component_source_name
+from evomerge.checkpoint import Checkpoint, check_output_folder, parse_size, resolve_model_path, write_model
+from evomerge.devices import check_device
+from evomerge.errors import EvomergeError
+from evomerge.recipe import Recipe, unmatched_selectors
 
 
 def output_config(bank: SourceBank, out_dtype: str) -> dict:
@@ -15,6 +20,16 @@ def output_config(bank: SourceBank, out_dtype: str) -> dict:
     config["dtype"] = out_dtype
     config["torch_dtype"] = out_dtype
     return config
+
+
+def check_recipe_against_model(recipe: Recipe, allow_pickle: bool = False) -> None:
+    """Rules whose selectors match no tensor of the reference model are errors (from headers only)."""
+    ckpt = Checkpoint(recipe.base or recipe.sources[0].model, allow_pickle=allow_pickle)
+    merged = [(n, classify(n, ckpt.model_type)) for n in ckpt.names()
+              if component_source_name(n, recipe.component) is not None]
+    problem = unmatched_selectors(recipe, merged)
+    if problem:
+        raise EvomergeError(problem)
 
 
 def merge_to_disk(
@@ -26,8 +41,19 @@ def merge_to_disk(
     allow_pickle: bool = False,
     overwrite: bool = False,
     progress: bool = False,
+    protect: Iterable[str | os.PathLike] = (),
 ) -> Path:
-    """Materialize the recipe and write a model folder that `from_pretrained` loads."""
+    """Materialize the recipe and write a model folder that `from_pretrained` loads.
+
+    Everything that can be checked before reading a tensor is checked first (device, shard size,
+    the output folder, the rule selectors, the sources' headers), so a mistake costs no merge.
+    `protect`: paths `--overwrite` must never replace (the recipe file); the models always are.
+    """
+    check_device(device)
+    parse_size(shard_size)
+    models = [s.model for s in recipe.sources] + [m for m in (recipe.base, recipe.tokenizer_source) if m]
+    check_output_folder(out_dir, overwrite, protect=[*protect, *models])
+    check_recipe_against_model(recipe, allow_pickle)
     bank = SourceBank(
         [s.model for s in recipe.sources], recipe.base, dtype=recipe.dtype, device=device,
         allow_pickle=allow_pickle, progress=progress, component=recipe.component,
@@ -44,4 +70,5 @@ def merge_to_disk(
         shard_size=shard_size,
         extra_files={"evomerge_recipe.yaml": recipe.to_yaml()},
         overwrite=overwrite,
+        protect=[*protect, *models],
     )

@@ -3,13 +3,15 @@
 mergekit's `models:` form maps one to one: per-model `parameters`, global `parameters`, gradient
 lists (`weight: [a, b]`) and `filter:` conditionals (first matching entry wins) all mean the same
 thing here. The `slices:` form is accepted when it is one slice spanning every layer of every
-model, which is the `models:` form spelled longhand; real layer stacking is data-flow merging.
+model, which is the `models:` form spelled longhand; a partial `layer_range` (which would drop or
+stack layers: data-flow merging) is refused with one line rather than merged whole in silence.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from evomerge.checkpoint import read_config, resolve_model_path
 from evomerge.errors import EvomergeError
 from evomerge.methods import METHODS
 from evomerge.recipe import Recipe
@@ -30,6 +32,32 @@ def _ref(model: Any, where: str) -> str:
     if "+" in text:
         raise EvomergeError(f"{where}: {text!r} applies a LoRA (model+lora); merge the adapter into the model first")
     return text
+
+
+def _layer_count(model: str) -> int | None:
+    config = read_config(resolve_model_path(model))
+    config = config.get("text_config") or config
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
+def _check_full_range(source: Any, where: str) -> None:
+    """A slice source must span its whole model: a partial range would change the layer count."""
+    if not isinstance(source, dict) or "model" not in source:
+        raise EvomergeError(f"{where}: needs a 'model' and a 'layer_range'")
+    rng = source.get("layer_range")
+    if rng is None:
+        return
+    model = _ref(source["model"], where)
+    layers = _layer_count(model)
+    if not (isinstance(rng, list) and len(rng) == 2) or layers is None or list(rng) != [0, layers]:
+        raise EvomergeError(
+            f"{where}: layer_range {rng} of {model} is not its full range [0, {layers}]; evomerge merges whole "
+            f"models (a partial range drops or stacks layers, which is data-flow merging): use [0, {layers}] "
+            "or the 'models:' form"
+        )
 
 
 def _setting(value: Any) -> Any:
@@ -64,12 +92,16 @@ def from_mergekit(data: dict, origin: str = "mergekit config") -> Recipe:
     models = data.get("models")
     if models is None and data.get("slices"):
         slices = data["slices"]
-        if len(slices) != 1 or slices[0].get("parameters") or slices[0].get("base_model"):
+        if not isinstance(slices, list) or len(slices) != 1 or not isinstance(slices[0], dict) \
+                or slices[0].get("parameters") or slices[0].get("base_model"):
             raise EvomergeError(
                 f"{origin}: several slices stack layers (data-flow merging); evomerge merge takes one "
                 "full-range slice or the 'models:' form"
             )
-        models = [{"model": s["model"], "parameters": s.get("parameters")} for s in slices[0]["sources"]]
+        models = []
+        for i, s in enumerate(slices[0].get("sources") or []):
+            _check_full_range(s, f"{origin}: slices[0].sources[{i}]")
+            models.append({"model": s.get("model"), "parameters": s.get("parameters")})
     if not models:
         raise EvomergeError(f"{origin}: no 'models:' list")
     for key in ("tokenizer", "chat_template"):

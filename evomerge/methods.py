@@ -1,18 +1,22 @@
-"""Merge methods: small pure functions on tensors behind a registry.
+"""Merge methods: small objects over pure tensor functions, behind a registry.
 
 Every method here is written in one shape,
 
     merged = a * reference + sum_i c_i * keep_i * delta_i      (optionally with TIES sign election)
 
 where delta_i = source_i - reference. What differs between methods is how the per-source
-coefficients c_i, the keep masks and the reference coefficient a are derived. Splitting the
-work that way is what makes the in-memory materializer fast: the expensive per-tensor facts
-(magnitude ranks, DARE random fields, norms and dot products) are computed once per source
-(`*_aid` functions below), and each candidate only needs a few scalar look-ups plus one fused
-pass over memory (`combine`).
+coefficients c_i, the keep masks and the reference coefficient a are derived, and each method
+object carries exactly that: `plan()` turns resolved parameters into coefficients and keeps, a
+`Sparsifier` turns a density into a threshold on a per-element key, and `tensor_stats()` asks
+for the per-tensor facts it needs (norms, cosines). A new method is one class and one
+`register()` call; nothing else in the engine names methods.
+
+Splitting the work that way is what makes the in-memory materializer fast: the expensive facts
+(magnitude ranks, DARE random fields, norms and dot products) are computed once per source, and
+each candidate needs a few scalar look-ups plus one fused pass over memory (`combine`).
 
 `merge_tensor` runs a whole method on whole tensors from scratch; the `SourceBank` runs the
-same functions on cached aids and chunks. Both give the same bits.
+same objects on cached keys and chunks. Both give the same bits.
 """
 
 from __future__ import annotations
@@ -20,14 +24,18 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
+from typing import Protocol
+
 import torch
 
 from evomerge.errors import EvomergeError
 
 # ---------------------------------------------------------------------------------------------
-# Per-source aids: computed once per tensor and source, reused by every candidate.
+# Per-element keys: computed once per tensor and source, reused by every candidate. A keep mask
+# is a range of key values, so any density is one comparison per element, never a sort.
 
 FIELD_LEVELS = 1 << 16  # DARE's drop field resolution: densities are honoured to 1/65536
+FIELD_RANGE = (-(FIELD_LEVELS // 2), FIELD_LEVELS // 2)
 
 
 def magnitude_rank(delta: torch.Tensor) -> torch.Tensor:
@@ -56,61 +64,104 @@ def drop_field(shape: torch.Size | tuple[int, ...], seed: int) -> torch.Tensor:
     and the kept sets are nested: raising the density only adds elements.
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.randint(-(FIELD_LEVELS // 2), FIELD_LEVELS // 2, tuple(shape), generator=gen, dtype=torch.int32)
-
-
-# ---------------------------------------------------------------------------------------------
-# Keep masks: scalar thresholds from a density, then one comparison per element.
+    return torch.randint(FIELD_RANGE[0], FIELD_RANGE[1], tuple(shape), generator=gen, dtype=torch.int32)
 
 
 @dataclass(frozen=True)
 class Keep:
-    """Which elements of a delta survive sparsification, and the factor applied to survivors."""
+    """Which elements of a delta survive, and the factor applied to survivors.
 
-    kind: str  # "all" | "none" | "rank" | "field"
-    lo: int = 0  # rank kind: keep lo <= rank < hi ; field kind: keep field < hi
+    kind "all" keeps everything, "none" nothing, "range" the elements whose key (a magnitude
+    rank or a drop-field value) lies in [lo, hi).
+    """
+
+    kind: str
+    lo: int = 0
     hi: int = 0
     scale: float = 1.0
 
-    def mask(self, aid: torch.Tensor) -> torch.Tensor:
-        if self.kind == "rank":
-            if self.lo <= 0:
-                return aid < self.hi
-            return (aid >= self.lo) & (aid < self.hi)
-        return aid < self.hi
+    def mask(self, key: torch.Tensor) -> torch.Tensor:
+        if self.lo <= 0:  # lo is the floor of the key's range (rank 0, or the field's minimum): one comparison
+            return key < self.hi
+        return (key >= self.lo) & (key < self.hi)
+
+    def bounds(self, full: tuple[int, int]) -> tuple[int, int]:
+        """[lo, hi) in key space, given the range that covers every element."""
+        if self.kind == "all":
+            return full
+        if self.kind == "none":
+            return full[0], full[0]
+        return self.lo, self.hi
+
+    def with_scale(self, scale: float) -> "Keep":
+        return Keep(self.kind, self.lo, self.hi, scale)
 
 
-def keep_magnitude(n: int, density: float) -> Keep:
+KEEP_ALL = Keep("all")
+KEEP_NONE = Keep("none")
+
+
+class Sparsifier:
+    """Turns a source's density into a Keep over one kind of per-element key."""
+
+    key: str  # "rank" (magnitude rank) or "field" (DARE's random field)
+
+    def full_range(self, n: int) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def keep(self, n: int, params: dict, shared: dict) -> Keep:
+        raise NotImplementedError
+
+
+class MagnitudeSparsifier(Sparsifier):
     """TIES: keep the k = max(1, floor(density * n)) largest magnitudes."""
-    if density >= 1:
-        return Keep("all")
-    if density <= 0 or n == 0:
-        return Keep("none")
-    k = max(1, int(density * n))
-    return Keep("rank", n - k, n)
+
+    key = "rank"
+
+    def full_range(self, n: int) -> tuple[int, int]:
+        return 0, n
+
+    def keep(self, n: int, params: dict, shared: dict) -> Keep:
+        density = float(params["density"])
+        if density >= 1:
+            return KEEP_ALL
+        if density <= 0 or n == 0:
+            return KEEP_NONE
+        k = max(1, int(density * n))
+        return Keep("range", n - k, n)
 
 
-def keep_outliers(n: int, density: float, gamma: float) -> Keep:
+class OutlierSparsifier(MagnitudeSparsifier):
     """Breadcrumbs: drop the top `gamma` fraction as outliers, then the smallest, keeping `density`."""
-    if density >= 1:
-        return Keep("all")
-    target = int(density * n)
-    n_top = int(gamma * n)
-    n_bottom = max(0, n - target - n_top)
-    if target <= 0:
-        return Keep("none")
-    return Keep("rank", n_bottom, n_bottom + target)
+
+    def keep(self, n: int, params: dict, shared: dict) -> Keep:
+        density, gamma = float(params["density"]), float(params["gamma"])
+        if density >= 1:
+            return KEEP_ALL
+        target = int(density * n)
+        if target <= 0:
+            return KEEP_NONE
+        n_bottom = max(0, n - target - int(gamma * n))
+        return Keep("range", n_bottom, n_bottom + target)
 
 
-def keep_random(density: float, rescale: bool) -> Keep:
+class RandomSparsifier(Sparsifier):
     """DARE: keep each element with probability `density`; rescale survivors by 1/density."""
-    if density >= 1:
-        return Keep("all")
-    level = round(density * FIELD_LEVELS)
-    if level <= 0:
-        return Keep("none")
-    scale = FIELD_LEVELS / level if rescale else 1.0
-    return Keep("field", 0, level - FIELD_LEVELS // 2, scale)
+
+    key = "field"
+
+    def full_range(self, n: int) -> tuple[int, int]:
+        return FIELD_RANGE
+
+    def keep(self, n: int, params: dict, shared: dict) -> Keep:
+        density = float(params["density"])
+        if density >= 1:
+            return KEEP_ALL
+        level = round(density * FIELD_LEVELS)
+        if level <= 0:
+            return KEEP_NONE
+        scale = FIELD_LEVELS / level if shared["rescale"] else 1.0
+        return Keep("range", FIELD_RANGE[0], level + FIELD_RANGE[0], scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,7 +173,7 @@ def combine(
     deltas: list[torch.Tensor | None],
     coefficients: list[float | torch.Tensor],
     keeps: list[Keep],
-    aids: list[torch.Tensor | None],
+    keys: list[torch.Tensor | None],
     *,
     ref_coefficient: float | torch.Tensor = 1.0,
     consensus: bool = False,
@@ -141,17 +192,18 @@ def combine(
     work = torch.float64 if reference.dtype == torch.float64 else torch.float32
     terms = []
     used_weights = []
-    for delta, coef, keep, aid, w in zip(deltas, coefficients, keeps, aids, weights or coefficients):
+    for delta, coef, keep, key, w in zip(deltas, coefficients, keeps, keys, weights or coefficients):
         if keep.kind == "none" or delta is None:
             continue
         term = delta.to(work) * coef if not isinstance(coef, float) or coef != 1.0 else delta.to(work)
         if keep.kind != "all":
-            term = term * keep.mask(aid)
+            term = term * keep.mask(key)
         if keep.scale != 1.0:
             term = term * keep.scale
         terms.append(term)
         used_weights.append(w)
-    result = reference.to(work) * ref_coefficient if not (isinstance(ref_coefficient, float) and ref_coefficient == 1.0) else reference.to(work)
+    plain = isinstance(ref_coefficient, float) and ref_coefficient == 1.0
+    result = reference.to(work) if plain else reference.to(work) * ref_coefficient
     if not terms:
         mixed = None
     elif consensus:
@@ -181,12 +233,22 @@ def combine(
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-tensor statistics that some methods need (computed once per tensor by the bank).
+# Per-tensor statistics some methods need, and where they come from.
 
 
-def slerp_coefficients(
-    ref_norm: torch.Tensor, other_norm: torch.Tensor, dot_raw: torch.Tensor, t: float
-) -> tuple[float, float]:
+class TensorFacts(Protocol):
+    """Per-tensor facts about the recipe's sources (the bank caches them; `merge_tensor` computes them)."""
+
+    def norms_and_dot(self, position: int) -> tuple[float, float, float]:
+        """(|reference|, |source|, reference . source) for the source at `position` in the recipe."""
+        ...
+
+    def cosines(self, rowwise: bool) -> torch.Tensor:
+        """Cosines between every pair of the recipe's task vectors (rowwise: per pair and row)."""
+        ...
+
+
+def slerp_coefficients(ref_norm: float, other_norm: float, dot_raw: float, t: float) -> tuple[float, float]:
     """SLERP weights (on reference, on other) from norms and the raw dot product of the two tensors.
 
     Nearly colinear pairs (|cos| > 0.9995) fall back to linear interpolation.
@@ -223,7 +285,7 @@ def pairwise_cosines(deltas: list[torch.Tensor], rowwise: bool) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# The registry: what each method takes and how its parameters become coefficients and keeps.
+# The methods.
 
 
 @dataclass(frozen=True)
@@ -232,84 +294,6 @@ class Param:
     low: float | None = None
     high: float | None = None
     kind: type = float
-
-
-@dataclass(frozen=True)
-class MergeMethod:
-    name: str
-    source_params: dict[str, Param]  # per source (and per group / family)
-    shared_params: dict[str, Param]  # per tensor (per group / family), not per source
-    needs_base: bool = True
-    sparsify: str | None = None  # None | "magnitude" | "random" | "outliers"
-    consensus: bool = False
-    min_sources: int = 1
-    max_sources: int | None = None
-    reference: str = ""
-    aids: tuple[str, ...] = field(default=())  # "rank", "field", "slerp", "cosine", "cosine_rows"
-
-
-def _gta(name, sparsify, consensus, normalize, rescale, ref, extra=None):
-    params = {"weight": Param(None, -10.0, 10.0), "density": Param(1.0, 0.0, 1.0)}
-    params.update(extra or {})
-    aid = {"magnitude": ("rank",), "outliers": ("rank",), "random": ("field",), None: ()}[sparsify]
-    return MergeMethod(
-        name,
-        params,
-        {"normalize": Param(normalize, kind=bool), "rescale": Param(rescale, kind=bool), "lambda": Param(1.0, -10.0, 10.0)},
-        sparsify=sparsify,
-        consensus=consensus,
-        reference=ref,
-        aids=aid,
-    )
-
-
-METHODS: dict[str, MergeMethod] = {}
-
-
-def register(method: MergeMethod) -> MergeMethod:
-    if method.name in METHODS:
-        raise ValueError(f"merge method {method.name!r} is registered twice")
-    METHODS[method.name] = method
-    return method
-
-
-for _m in (
-    MergeMethod(
-        "linear",
-        {"weight": Param(None, -10.0, 10.0)},
-        {"normalize": Param(True, kind=bool)},
-        needs_base=False,
-        reference="https://arxiv.org/abs/2203.05482",
-    ),
-    _gta("task_arithmetic", None, False, False, False, "https://arxiv.org/abs/2212.04089"),
-    _gta("ties", "magnitude", True, True, False, "https://arxiv.org/abs/2306.01708"),
-    _gta("dare_ties", "random", True, False, True, "https://arxiv.org/abs/2311.03099"),
-    _gta("dare_linear", "random", False, False, True, "https://arxiv.org/abs/2311.03099"),
-    _gta("breadcrumbs", "outliers", False, False, False, "https://arxiv.org/abs/2312.06795",
-         {"gamma": Param(0.01, 0.0, 1.0)}),
-    _gta("breadcrumbs_ties", "outliers", True, False, False, "https://arxiv.org/abs/2312.06795",
-         {"gamma": Param(0.01, 0.0, 1.0)}),
-    MergeMethod(
-        "slerp", {}, {"t": Param(None, 0.0, 1.0)}, min_sources=1, max_sources=1,
-        reference="https://en.wikipedia.org/wiki/Slerp", aids=("slerp",),
-    ),
-    MergeMethod(
-        "model_stock", {}, {"filter_wise": Param(False, kind=bool)}, min_sources=2,
-        reference="https://arxiv.org/abs/2403.19522", aids=("cosine",),
-    ),
-):
-    register(_m)
-
-
-def get_method(name: str) -> MergeMethod:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise EvomergeError(f"unknown merge method {name!r}; choose one of: {', '.join(METHODS)}") from None
-
-
-# ---------------------------------------------------------------------------------------------
-# From resolved parameters to the arguments of `combine`.
 
 
 @dataclass
@@ -326,85 +310,201 @@ class TensorPlan:
     l1_rescale: bool = False  # magnitude sparsifiers: survivors rescaled to the delta's L1 norm
 
 
-def plan_tensor(
-    method: MergeMethod,
-    n: int,
-    shared: dict,
-    per_source: list[dict],
-    stats: dict | None = None,
-) -> TensorPlan:
-    """Coefficients and keep masks for one tensor of n elements, given its resolved parameters.
+@dataclass(frozen=True)
+class MergeMethod:
+    """What a method takes, and how its parameters become a TensorPlan. Subclasses fill `plan`."""
 
-    `stats` carries per-tensor statistics: {"slerp": (ref_norm, other_norm, dot)} or
-    {"ratio": model-stock ratio (scalar or per-row column)}.
-    """
-    if method.name == "linear":
+    name: str
+    source_params: dict[str, Param]  # per source (and per group / family)
+    shared_params: dict[str, Param]  # per tensor (per group / family), not per source
+    needs_base: bool = True
+    min_sources: int = 1
+    max_sources: int | None = None
+    reference: str = ""
+    sparsifier: Sparsifier | None = field(default=None, compare=False)
+
+    @property
+    def params(self) -> dict[str, Param]:
+        return {**self.shared_params, **self.source_params}
+
+    @property
+    def element_key(self) -> str | None:
+        """The per-element key this method's keep masks read ("rank", "field"), if any."""
+        return self.sparsifier.key if self.sparsifier else None
+
+    def tensor_stats(self, facts: TensorFacts, shared: dict, shape: torch.Size, n_sources: int) -> dict:
+        """Per-tensor facts `plan` needs, asked from `facts` (cached by the bank)."""
+        return {}
+
+    def plan(self, n: int, shared: dict, per_source: list[dict], stats: dict) -> TensorPlan:
+        raise NotImplementedError
+
+    def ignored_parameters(self, n_sources: int, shared: dict) -> set[str]:
+        """Parameters that cannot change the result in this setting (a search over them is wasted)."""
+        return set()
+
+
+@dataclass(frozen=True)
+class Linear(MergeMethod):
+    def plan(self, n, shared, per_source, stats):
         weights = [float(p["weight"]) for p in per_source]
         total = sum(weights)
         if shared["normalize"] and abs(total) >= 1e-8:
             # sum w_i (ref + d_i) / W = ref + sum (w_i/W) d_i
-            return TensorPlan([w / total for w in weights], [Keep("all")] * len(weights))
-        return TensorPlan(weights, [Keep("all")] * len(weights), ref_coefficient=total)
-    if method.name == "slerp":
+            return TensorPlan([w / total for w in weights], [KEEP_ALL] * len(weights))
+        return TensorPlan(weights, [KEEP_ALL] * len(weights), ref_coefficient=total)
+
+    def ignored_parameters(self, n_sources, shared):
+        return {"weight"} if n_sources == 1 and shared.get("normalize", True) else set()
+
+
+@dataclass(frozen=True)
+class TaskVectors(MergeMethod):
+    """Generalized task arithmetic: weighted task vectors, optionally sparsified and sign-elected."""
+
+    consensus: bool = False
+
+    def plan(self, n, shared, per_source, stats):
+        weights = [float(p["weight"]) for p in per_source]
+        sparse = self.sparsifier
+        keeps = [sparse.keep(n, p, shared) if sparse else KEEP_ALL for p in per_source]
+        return TensorPlan(
+            weights,
+            keeps,
+            consensus=self.consensus,
+            normalize=bool(shared["normalize"]),
+            weights=weights,
+            lam=float(shared["lambda"]),
+            l1_rescale=bool(shared.get("rescale")) and isinstance(sparse, MagnitudeSparsifier),
+        )
+
+    def ignored_parameters(self, n_sources, shared):
+        # One source, normalized: w * d / w = d whatever w is.
+        return {"weight"} if n_sources == 1 and shared.get("normalize", False) else set()
+
+
+@dataclass(frozen=True)
+class Slerp(MergeMethod):
+    def tensor_stats(self, facts, shared, shape, n_sources):
+        return {"slerp": facts.norms_and_dot(0)}
+
+    def plan(self, n, shared, per_source, stats):
         ca, cb = slerp_coefficients(*stats["slerp"], float(shared["t"]))
         # ca*ref + cb*(ref + d) = (ca + cb)*ref + cb*d
-        return TensorPlan([cb], [Keep("all")], ref_coefficient=ca + cb)
-    if method.name == "model_stock":
-        ratio = stats["ratio"]
+        return TensorPlan([cb], [KEEP_ALL], ref_coefficient=ca + cb)
+
+
+@dataclass(frozen=True)
+class ModelStock(MergeMethod):
+    def tensor_stats(self, facts, shared, shape, n_sources):
+        rowwise = bool(shared.get("filter_wise")) and len(shape) > 1
+        ratio = model_stock_ratio(facts.cosines(rowwise), n_sources)
+        # a float, or (filter-wise) a column that broadcasts over each row
+        return {"ratio": float(ratio) if ratio.numel() == 1 else ratio.reshape(-1, *([1] * (len(shape) - 1)))}
+
+    def plan(self, n, shared, per_source, stats):
         k = len(per_source)
+        ratio = stats["ratio"]
         # base + t * mean(d_i)
-        return TensorPlan([ratio / k] * k, [Keep("all")] * k)
-    # generalized task arithmetic family
-    weights = [float(p["weight"]) for p in per_source]
-    keeps = []
-    for p in per_source:
-        d = float(p["density"])
-        if method.sparsify == "magnitude":
-            keeps.append(keep_magnitude(n, d))
-        elif method.sparsify == "outliers":
-            keeps.append(keep_outliers(n, d, float(p["gamma"])))
-        elif method.sparsify == "random":
-            keeps.append(keep_random(d, bool(shared["rescale"])))
-        else:
-            keeps.append(Keep("all"))
-    return TensorPlan(
-        weights,
-        keeps,
-        consensus=method.consensus,
-        normalize=bool(shared["normalize"]),
-        weights=weights,
-        lam=float(shared["lambda"]),
-        l1_rescale=bool(shared["rescale"]) and method.sparsify in ("magnitude", "outliers"),
-    )
+        return TensorPlan([ratio / k] * k, [KEEP_ALL] * k)
 
 
-def ratio_stat(cos_pairs: torch.Tensor, count: int, shape: torch.Size) -> float | torch.Tensor:
-    """Model Stock's ratio as `plan_tensor` wants it: a float, or a column for per-row (filter-wise) cosines."""
-    ratio = model_stock_ratio(cos_pairs, count)
-    if ratio.numel() == 1:
-        return float(ratio)
-    return ratio.reshape(-1, *([1] * (len(shape) - 1)))
+METHODS: dict[str, MergeMethod] = {}
 
 
-def rescaled_keeps(plan: TensorPlan, deltas: list[torch.Tensor | None], aids: list[torch.Tensor | None]) -> list[Keep]:
+def register(method: MergeMethod) -> MergeMethod:
+    if method.name in METHODS:
+        raise ValueError(f"merge method {method.name!r} is registered twice")
+    METHODS[method.name] = method
+    return method
+
+
+def _task_vectors(name: str, reference: str, sparsifier: Sparsifier | None = None, consensus: bool = False,
+                  normalize: bool = False, rescale: bool | None = None, extra: dict | None = None) -> TaskVectors:
+    """A task-vector method; `density` and `rescale` exist only where a sparsifier uses them."""
+    source = {"weight": Param(None, -10.0, 10.0)}
+    shared = {"normalize": Param(normalize, kind=bool), "lambda": Param(1.0, -10.0, 10.0)}
+    if sparsifier is not None:
+        source["density"] = Param(1.0, 0.0, 1.0)
+        shared["rescale"] = Param(bool(rescale), kind=bool)
+    source.update(extra or {})
+    return TaskVectors(name, source, shared, reference=reference, sparsifier=sparsifier, consensus=consensus)
+
+
+for _m in (
+    Linear("linear", {"weight": Param(None, -10.0, 10.0)}, {"normalize": Param(True, kind=bool)}, needs_base=False,
+           reference="https://arxiv.org/abs/2203.05482"),
+    _task_vectors("task_arithmetic", "https://arxiv.org/abs/2212.04089"),
+    _task_vectors("ties", "https://arxiv.org/abs/2306.01708", MagnitudeSparsifier(), consensus=True, normalize=True,
+                  rescale=False),
+    _task_vectors("dare_ties", "https://arxiv.org/abs/2311.03099", RandomSparsifier(), consensus=True, rescale=True),
+    _task_vectors("dare_linear", "https://arxiv.org/abs/2311.03099", RandomSparsifier(), rescale=True),
+    _task_vectors("breadcrumbs", "https://arxiv.org/abs/2312.06795", OutlierSparsifier(), rescale=False,
+                  extra={"gamma": Param(0.01, 0.0, 1.0)}),
+    _task_vectors("breadcrumbs_ties", "https://arxiv.org/abs/2312.06795", OutlierSparsifier(), consensus=True,
+                  rescale=False, extra={"gamma": Param(0.01, 0.0, 1.0)}),
+    Slerp("slerp", {}, {"t": Param(None, 0.0, 1.0)}, min_sources=1, max_sources=1,
+          reference="https://en.wikipedia.org/wiki/Slerp"),
+    ModelStock("model_stock", {}, {"filter_wise": Param(False, kind=bool)}, min_sources=2,
+               reference="https://arxiv.org/abs/2403.19522"),
+):
+    register(_m)
+
+
+def get_method(name: str) -> MergeMethod:
+    try:
+        return METHODS[name]
+    except (KeyError, TypeError):
+        from evomerge.errors import close_match
+
+        raise EvomergeError(f"unknown merge method {name!r}; choose one of: {', '.join(METHODS)}"
+                            f"{close_match(name, METHODS)}") from None
+
+
+def tensor_plan(method: MergeMethod, n: int, shared: dict, per_source: list[dict], facts: TensorFacts,
+                shape: torch.Size) -> TensorPlan:
+    """The method's plan for one tensor of n elements, with the per-tensor facts it asks for."""
+    return method.plan(n, shared, per_source, method.tensor_stats(facts, shared, shape, len(per_source)))
+
+
+def rescaled_keeps(plan: TensorPlan, deltas: list[torch.Tensor | None], keys: list[torch.Tensor | None]) -> list[Keep]:
     """The plan's keeps, with the L1-restoring factor filled in where the method asks for it."""
     if not plan.l1_rescale:
         return plan.keeps
-    return [
-        Keep(k.kind, k.lo, k.hi, l1_rescale_factor(d, k, a)) if d is not None else k
-        for k, d, a in zip(plan.keeps, deltas, aids)
-    ]
+    return [k.with_scale(l1_rescale_factor(d, k, key)) if d is not None else k
+            for k, d, key in zip(plan.keeps, deltas, keys)]
 
 
-def l1_rescale_factor(delta: torch.Tensor, keep: Keep, aid: torch.Tensor | None) -> float:
+def l1_rescale_factor(delta: torch.Tensor, keep: Keep, key: torch.Tensor | None) -> float:
     """Factor that restores a sparsified delta's L1 norm (magnitude sparsifiers with rescale)."""
     if keep.kind in ("all", "none"):
         return 1.0
     before = float(delta.abs().sum())
-    after = float((delta * keep.mask(aid)).abs().sum())
+    after = float((delta * keep.mask(key)).abs().sum())
     if before < 1e-7 or after < 1e-7:
         return 1.0
     return before / after
+
+
+class _DirectFacts:
+    """TensorFacts computed on the spot from whole tensors (the reference path)."""
+
+    def __init__(self, ref: torch.Tensor, sources: list[torch.Tensor], deltas: list[torch.Tensor]):
+        self.ref, self.sources, self.deltas = ref, sources, deltas
+
+    def norms_and_dot(self, position: int) -> tuple[float, float, float]:
+        other = self.sources[position].to(self.ref.dtype)
+        return float(self.ref.norm()), float(other.norm()), float((self.ref * other).sum())
+
+    def cosines(self, rowwise: bool) -> torch.Tensor:
+        return pairwise_cosines(self.deltas, rowwise)
+
+
+def element_key(kind: str, delta: torch.Tensor, seed: int, position: int, tensor_name: str) -> torch.Tensor:
+    """The per-element key a sparsifier reads: magnitude rank or DARE's drop field."""
+    if kind == "rank":
+        return magnitude_rank(delta)
+    return drop_field(delta.shape, tensor_seed(seed, position, tensor_name))
 
 
 def merge_tensor(
@@ -417,26 +517,17 @@ def merge_tensor(
     seed: int = 0,
     tensor_name: str = "",
 ) -> torch.Tensor:
-    """Merge one tensor from scratch (reference implementation; the bank reuses its aids)."""
+    """Merge one tensor from scratch (reference implementation; the bank reuses its cached keys)."""
     method = get_method(method) if isinstance(method, str) else method
     work = torch.float64 if reference.dtype == torch.float64 else torch.float32
     ref = reference.to(work)
     deltas = [s.to(work) - ref for s in sources]
-    aids: list[torch.Tensor | None] = [None] * len(deltas)
-    stats: dict = {}
-    if "rank" in method.aids:
-        aids = [magnitude_rank(d) for d in deltas]
-    if "field" in method.aids:
-        aids = [drop_field(d.shape, tensor_seed(seed, pos, tensor_name)) for pos, d in enumerate(deltas)]
-    if "slerp" in method.aids:
-        stats["slerp"] = (ref.norm(), sources[0].to(work).norm(), (ref * sources[0].to(work)).sum())
-    if "cosine" in method.aids:
-        rowwise = bool(shared.get("filter_wise")) and ref.dim() > 1
-        stats["ratio"] = ratio_stat(pairwise_cosines(deltas, rowwise), len(deltas), ref.shape)
-    plan = plan_tensor(method, ref.numel(), shared, per_source, stats)
+    plan = tensor_plan(method, ref.numel(), shared, per_source, _DirectFacts(ref, sources, deltas), ref.shape)
+    keys: list[torch.Tensor | None] = [None] * len(deltas)
+    if method.element_key:
+        keys = [element_key(method.element_key, d, seed, pos, tensor_name) for pos, d in enumerate(deltas)]
     return combine(
-        ref, deltas, plan.coefficients, rescaled_keeps(plan, deltas, aids), aids,
+        ref, deltas, plan.coefficients, rescaled_keeps(plan, deltas, keys), keys,
         ref_coefficient=plan.ref_coefficient, consensus=plan.consensus,
         normalize=plan.normalize, weights=plan.weights, lam=plan.lam,
     ).to(reference.dtype)
-

@@ -6,6 +6,16 @@ random state, so every call runs inside the optimizer's own saved copy of that s
 the caller's back afterwards. That determinism is what makes resume exact: a resumed campaign
 rebuilds the optimizer by replaying the journaled asks and tells, and checks the result against
 the checkpoint digest the journal stored for each generation. Nothing is unpickled.
+
+The last generation of a campaign whose budget is not a multiple of the population is partial:
+the optimizer asks a full population, only the first `budget - evaluated` are evaluated, and
+`tell` receives just those. nevergrad is told each of them (it takes any number); NSGA-II is
+told them as a smaller offspring set (pymoo's survival accepts one); CMA-ES is not told (pycma's
+update assumes a full population and refuses fewer than 3) — the campaign ends after that
+generation, so nothing would be asked from the updated state anyway.
+
+Optimizers register by name (`cma`, `nsga2`, `nevergrad:<Name>`): a new one is one class and one
+`register_optimizer` call.
 """
 
 from __future__ import annotations
@@ -16,9 +26,11 @@ import math
 import random
 from contextlib import contextmanager
 
+from typing import Callable
+
 import numpy as np
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, close_match
 
 
 def default_population(dim: int) -> int:
@@ -65,6 +77,7 @@ class Optimizer:
             return [np.clip(np.asarray(x, dtype=float), 0.0, 1.0) for x in self._ask()]
 
     def tell(self, genomes: list[np.ndarray], losses: list[list[float]]) -> None:
+        """Tell the results of the asked genomes, in ask order; fewer than asked at a partial last generation."""
         with self._own_rng():
             self._tell(genomes, np.asarray(losses, dtype=float).reshape(len(genomes), self.n_obj))
 
@@ -84,20 +97,29 @@ class Optimizer:
 
 
 class CMAES(Optimizer):
+    """pycma. pycma cannot run a one-dimensional problem, so a 1-D genome is searched in 2-D with a
+    second coordinate that nothing reads: the search over the real coordinate is unchanged in law."""
+
     def __init__(self, dim: int, seed: int, x0: np.ndarray, sigma0: float, population: int | None = None):
         super().__init__(seed)
         import cma
 
         self.population = population or default_population(dim)
+        self.dim = dim
+        x0 = list(x0) + ([0.5] if dim == 1 else [])
         opts = {"popsize": self.population, "bounds": [0.0, 1.0], "seed": seed + 1, "verbose": -9}
         with self._own_rng():
-            self.es = cma.CMAEvolutionStrategy(list(x0), sigma0, opts)
+            self.es = cma.CMAEvolutionStrategy(x0, sigma0, opts)
+        self._asked: list = []
 
     def _ask(self):
-        return self.es.ask()
+        self._asked = self.es.ask()
+        return [x[: self.dim] for x in self._asked]
 
     def _tell(self, genomes, losses):
-        self.es.tell([np.asarray(g) for g in genomes], [float(v) for v in losses[:, 0]])
+        if len(genomes) < self.population:
+            return  # a partial last generation: see the module docstring
+        self.es.tell(self._asked, [float(v) for v in losses[:, 0]])
 
     def _state(self):
         return {"kind": "cma", "iteration": int(self.es.countiter), "mean": _round(self.es.mean),
@@ -128,7 +150,7 @@ class Nevergrad(Optimizer):
         return [c.value for c in self._pending]
 
     def _tell(self, genomes, losses):
-        for cand, loss in zip(self._pending, losses):
+        for cand, loss in zip(self._pending[: len(genomes)], losses):
             self.opt.tell(cand, float(loss[0]) if self.n_obj == 1 else [float(v) for v in loss])
         self._told += len(self._pending)
         self._pending = []
@@ -161,8 +183,9 @@ class NSGA2(Optimizer):
         from pymoo.core.evaluator import Evaluator
         from pymoo.problems.static import StaticProblem
 
-        Evaluator().eval(StaticProblem(self.problem, F=losses), self._pop)
-        self.algo.tell(infills=self._pop)
+        offspring = self._pop[: len(genomes)]
+        Evaluator().eval(StaticProblem(self.problem, F=losses), offspring)
+        self.algo.tell(infills=offspring)
 
     def _state(self):
         pop = self.algo.pop
@@ -172,16 +195,35 @@ class NSGA2(Optimizer):
                 "pop_f_sum": _round(np.sum(f, axis=0)) if f is not None and len(f) else []}
 
 
+Factory = Callable[[str, dict, int, int, int, np.ndarray, float, int], Optimizer]
+OPTIMIZERS: dict[str, Factory] = {}
+
+
+def register_optimizer(prefix: str, factory: Factory) -> None:
+    """`prefix` is the part of `optimizer.name` before any ':' (nevergrad:<Name> -> nevergrad)."""
+    OPTIMIZERS[prefix] = factory
+
+
+def optimizer_names() -> list[str]:
+    return list(OPTIMIZERS)
+
+
+def _cma(name, spec, dim, n_obj, seed, x0, sigma0, budget):
+    if n_obj != 1:
+        raise EvomergeError("config field 'optimizer.name': cma optimizes one objective; use nsga2 for several")
+    return CMAES(dim, seed, x0, sigma0, spec.get("population"))
+
+
+register_optimizer("cma", _cma)
+register_optimizer("nsga2", lambda name, spec, dim, n_obj, seed, x0, sigma0, budget: NSGA2(dim, n_obj, seed, spec.get("population")))
+register_optimizer("nevergrad", lambda name, spec, dim, n_obj, seed, x0, sigma0, budget: Nevergrad(
+    name.split(":", 1)[1], dim, seed, x0, sigma0, budget, spec.get("population"), n_obj))
+
+
 def make_optimizer(spec: dict, dim: int, n_obj: int, seed: int, x0: np.ndarray, sigma0: float, budget: int) -> Optimizer:
     name = spec["name"]
-    pop = spec.get("population")
-    sigma = float(spec.get("sigma0", sigma0))
-    if name == "cma":
-        if n_obj != 1:
-            raise EvomergeError("config field 'optimizer.name': cma optimizes one objective; use nsga2 for several")
-        return CMAES(dim, seed, x0, sigma, pop)
-    if name == "nsga2":
-        return NSGA2(dim, n_obj, seed, pop)
-    if name.startswith("nevergrad:"):
-        return Nevergrad(name.split(":", 1)[1], dim, seed, x0, sigma, budget, pop, n_obj)
-    raise EvomergeError(f"config field 'optimizer.name': bad value {name!r}; allowed: cma, nsga2, nevergrad:<Name>")
+    factory = OPTIMIZERS.get(name.split(":", 1)[0])
+    if factory is None:
+        raise EvomergeError(f"config field 'optimizer.name': bad value {name!r}; allowed: cma, nsga2, "
+                            f"nevergrad:<Name>{close_match(name, OPTIMIZERS)}")
+    return factory(name, spec, dim, n_obj, seed, x0, float(spec.get("sigma0", sigma0)), budget)

@@ -26,20 +26,22 @@ tensor name). A source's own setting beats the recipe-wide one, which beats the 
 
 from __future__ import annotations
 
-import json
+import math
+import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import yaml
 
-from evomerge.architecture import TensorRole
-from evomerge.errors import EvomergeError
+from evomerge.architecture import FAMILIES, TensorRole
+from evomerge.errors import EvomergeError, close_match, is_count
 from evomerge.methods import MergeMethod, Param, get_method
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 _RULE_KEYS = {"value", "group", "family", "filter"}
+_GROUP = re.compile(r"^(embeddings|block\.\d+|final_norm|lm_head|other)$")
+FIELDS = ("method", "sources", "base", "parameters", "seed", "dtype", "out_dtype", "tokenizer_source", "component")
 
 
 @dataclass
@@ -77,10 +79,10 @@ class Recipe:
     def from_dict(cls, data: dict, origin: str = "recipe") -> "Recipe":
         if not isinstance(data, dict):
             raise EvomergeError(f"{origin}: expected a mapping at the top level, got {type(data).__name__}")
-        known = {"method", "sources", "base", "parameters", "seed", "dtype", "out_dtype", "tokenizer_source", "component"}
-        unknown = set(data) - known
+        unknown = [k for k in data if k not in FIELDS]
         if unknown:
-            raise EvomergeError(f"{origin}: unknown field(s) {sorted(unknown)}; allowed: {sorted(known)}")
+            raise EvomergeError(f"{origin}: unknown field(s) {sorted(map(str, unknown))}; allowed: {sorted(FIELDS)}"
+                                f"{close_match(unknown[0], FIELDS)}")
         if "method" not in data:
             raise EvomergeError(f"{origin}: missing field 'method'")
         sources = data.get("sources")
@@ -90,42 +92,31 @@ class Recipe:
         for i, s in enumerate(sources):
             if isinstance(s, str):
                 s = {"model": s}
-            if not isinstance(s, dict) or "model" not in s:
+            if not isinstance(s, dict) or not isinstance(s.get("model"), str):
                 raise EvomergeError(f"{origin}: sources[{i}] needs a 'model' path")
             extra = set(s) - {"model", "parameters"}
             if extra:
                 raise EvomergeError(f"{origin}: sources[{i}] has unknown field(s) {sorted(extra)}; allowed: model, parameters")
-            parsed.append(Source(str(s["model"]), dict(s.get("parameters") or {})))
+            parsed.append(Source(s["model"], _mapping(s.get("parameters"), f"{origin}: sources[{i}].parameters")))
+        seed = data.get("seed", 0)
+        if not is_count(seed):
+            raise EvomergeError(f"{origin}: seed {seed!r} is not a non-negative integer; write e.g. seed: 0")
+        for key in ("base", "tokenizer_source", "dtype", "out_dtype"):
+            if data.get(key) is not None and not isinstance(data[key], str):
+                raise EvomergeError(f"{origin}: {key} must be a string, got {data[key]!r}")
         recipe = cls(
             method=str(data["method"]),
             sources=parsed,
-            base=str(data["base"]) if data.get("base") is not None else None,
-            parameters=dict(data.get("parameters") or {}),
-            seed=int(data.get("seed", 0)),
-            dtype=str(data.get("dtype", "float32")),
-            out_dtype=str(data["out_dtype"]) if data.get("out_dtype") else None,
-            tokenizer_source=str(data["tokenizer_source"]) if data.get("tokenizer_source") else None,
-            component=dict(data["component"]) if data.get("component") else None,
+            base=data.get("base"),
+            parameters=_mapping(data.get("parameters"), f"{origin}: parameters"),
+            seed=seed,
+            dtype=data.get("dtype") or "float32",
+            out_dtype=data.get("out_dtype") or None,
+            tokenizer_source=data.get("tokenizer_source") or None,
+            component=_mapping(data.get("component"), f"{origin}: component") or None,
         )
         recipe.validate(origin)
         return recipe
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Recipe":
-        """An evomerge recipe, or a mergekit config (told apart by mergekit's `merge_method` key)."""
-        from evomerge.mergekit_compat import from_mergekit, is_mergekit_config
-
-        path = Path(path)
-        if not path.is_file():
-            raise EvomergeError(f"recipe file {path} does not exist")
-        text = path.read_text()
-        try:
-            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        except (yaml.YAMLError, json.JSONDecodeError) as exc:
-            raise EvomergeError(f"{path}: not valid YAML/JSON ({str(exc).splitlines()[0]})") from None
-        if is_mergekit_config(data):
-            return from_mergekit(data, origin=str(path))
-        return cls.from_dict(data, origin=str(path))
 
     # -- validation ---------------------------------------------------------------------------
 
@@ -155,7 +146,7 @@ class Recipe:
         for key, setting in self.parameters.items():
             if key not in allowed_shared:
                 raise EvomergeError(f"{origin}: parameter {key!r} does not apply to {method.name!r}; allowed: {sorted(allowed_shared)}")
-            _check_setting(setting, (method.shared_params | method.source_params)[key], f"{origin}: parameters.{key}")
+            check_setting(setting, (method.shared_params | method.source_params)[key], f"{origin}: parameters.{key}")
         for i, s in enumerate(self.sources):
             for key, setting in s.parameters.items():
                 if key not in allowed_src:
@@ -163,7 +154,7 @@ class Recipe:
                         f"{origin}: sources[{i}].parameters.{key} does not apply to {method.name!r}; "
                         f"per-source parameters: {sorted(allowed_src) or 'none'}"
                     )
-                _check_setting(setting, method.source_params[key], f"{origin}: sources[{i}].parameters.{key}")
+                check_setting(setting, method.source_params[key], f"{origin}: sources[{i}].parameters.{key}")
             for key, spec in method.source_params.items():
                 if spec.default is None and key not in s.parameters and key not in self.parameters:
                     raise EvomergeError(f"{origin}: sources[{i}] ({s.model}) has no {key!r}; set it on the source or under parameters")
@@ -185,11 +176,20 @@ class Recipe:
         return shared, per_source
 
 
+def _mapping(value: Any, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise EvomergeError(f"{where} must be a mapping like {{weight: 0.5}}, got a {type(value).__name__}: {value!r}")
+    return dict(value)
+
+
 def _is_scalar(v: Any) -> bool:
     return isinstance(v, (int, float, bool)) and not isinstance(v, str)
 
 
-def _check_setting(setting: Any, spec: Param, where: str) -> None:
+def check_setting(setting: Any, spec: Param, where: str) -> None:
+    """A parameter setting (number, gradient or rules) is well formed, finite and in range."""
     def check_scalar(v: Any) -> None:
         if spec.kind is bool:
             if not isinstance(v, bool):
@@ -197,6 +197,8 @@ def _check_setting(setting: Any, spec: Param, where: str) -> None:
             return
         if not _is_scalar(v) or isinstance(v, bool):
             raise EvomergeError(f"{where}: expected a number, got {v!r}")
+        if not math.isfinite(v):
+            raise EvomergeError(f"{where}: {v} is not a finite number; give a value in [{spec.low}, {spec.high}]")
         if (spec.low is not None and v < spec.low) or (spec.high is not None and v > spec.high):
             raise EvomergeError(f"{where}: {v} is out of range; allowed [{spec.low}, {spec.high}]")
 
@@ -208,15 +210,76 @@ def _check_setting(setting: Any, spec: Param, where: str) -> None:
                 bad = set(r) - _RULE_KEYS
                 if bad or "value" not in r:
                     raise EvomergeError(f"{where}: rule {r} needs 'value' and only {sorted(_RULE_KEYS)}")
-                _check_setting(r["value"], spec, where)
+                _check_selectors(r, where)
+                check_setting(r["value"], spec, where)
             return
         for v in setting:
             check_scalar(v)
         return
     if isinstance(setting, dict):
-        _check_setting([setting], spec, where)
+        check_setting([setting], spec, where)
         return
     check_scalar(setting)
+
+
+def _check_selectors(rule: dict, where: str) -> None:
+    """Selectors are spelled as evomerge knows them (whether they match a tensor is checked against the model)."""
+    family, group, flt = rule.get("family"), rule.get("group"), rule.get("filter")
+    if family is not None and family not in FAMILIES:
+        raise EvomergeError(f"{where}: rule family {family!r} does not exist; families: {', '.join(FAMILIES)}"
+                            f"{close_match(family, FAMILIES)}")
+    if group is not None and not (isinstance(group, str) and _GROUP.match(group)):
+        raise EvomergeError(f"{where}: rule group {group!r} does not exist; groups are embeddings, block.<i>, "
+                            "final_norm, lm_head")
+    if flt is not None and not isinstance(flt, str):
+        raise EvomergeError(f"{where}: rule filter {flt!r} must be a substring of tensor names")
+
+
+def _rules(setting: Any) -> list[dict]:
+    if isinstance(setting, dict):
+        return [setting]
+    if isinstance(setting, list) and setting and all(isinstance(r, dict) for r in setting):
+        return setting
+    return []
+
+
+def _matches(rule: dict, role: TensorRole, name: str) -> bool:
+    if "group" in rule and rule["group"] != role.group:
+        return False
+    if "family" in rule and rule["family"] != role.family:
+        return False
+    if "filter" in rule and rule["filter"] not in ("*", None) and rule["filter"] not in name:
+        return False
+    return True
+
+
+def unmatched_selectors(recipe: Recipe, tensors: Iterable[tuple[str, TensorRole]]) -> str | None:
+    """A description of the first rule whose selectors match no tensor of the model, else None.
+
+    A rule that matches nothing is a typo (`family: attn`, `group: block.99`) that would
+    otherwise be ignored in silence.
+    """
+    tensors = list(tensors)
+    scopes = [("parameters", recipe.parameters)] + [(f"sources[{i}].parameters", s.parameters)
+                                                     for i, s in enumerate(recipe.sources)]
+    for where, params in scopes:
+        for key, setting in params.items():
+            for rule in _rules(setting):
+                if len(set(rule) & {"group", "family", "filter"}) == 0:
+                    continue
+                if not any(_matches(rule, role, name) for name, role in tensors):
+                    groups = list(dict.fromkeys(role.group for _, role in tensors))
+                    selector = {k: v for k, v in rule.items() if k != "value"}
+                    return (f"{where}.{key}: rule {selector} matches no tensor of the model "
+                            f"(groups: {_span(groups)}); fix the selector or drop the rule")
+    return None
+
+
+def _span(groups: list[str]) -> str:
+    blocks = [g for g in groups if g.startswith("block.")]
+    others = [g for g in groups if not g.startswith("block.")]
+    text = others[:1] + ([f"block.0-{len(blocks) - 1}"] if blocks else []) + others[1:]
+    return ", ".join(text)
 
 
 def _evaluate(setting: Any, role: TensorRole, name: str, t: float) -> Any:
@@ -225,13 +288,8 @@ def _evaluate(setting: Any, role: TensorRole, name: str, t: float) -> Any:
     if isinstance(setting, list):
         if setting and all(isinstance(r, dict) for r in setting):
             for r in setting:
-                if "group" in r and r["group"] != role.group:
-                    continue
-                if "family" in r and r["family"] != role.family:
-                    continue
-                if "filter" in r and r["filter"] not in ("*", None) and r["filter"] not in name:
-                    continue
-                return _evaluate(r["value"], role, name, t)
+                if _matches(r, role, name):
+                    return _evaluate(r["value"], role, name, t)
             return None
         if any(isinstance(v, bool) for v in setting):
             return setting[int(t * (len(setting) - 1))]

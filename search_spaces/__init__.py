@@ -1,9 +1,11 @@
 """Genomes for evolutionary merge search: a vector in the unit box <-> a merge Recipe.
 
-`ps.ParameterSpace` is the parameter-space genome (per-source merge coefficients, optionally per
-layer group and tensor family). Data-flow (layer path) and hybrid genomes come later.
+`base` holds the interface every space implements and the registry keyed by
+`search_space.kind`; `ps` registers the parameter-space genome. Data-flow (layer path) and
+hybrid genomes plug in the same way.
 """
 
-from search_spaces.ps import ParameterSpace
+from evomerge.search_spaces.base import SPACES, SearchSpace, SpaceContext, register_space, space_kind
+from evomerge.search_spaces import ps  # noqa: F401  (registers "ps")
 
-__all__ = ["ParameterSpace"]
+__all__ = ["SPACES", "SearchSpace", "SpaceContext", "register_space", "space_kind"]

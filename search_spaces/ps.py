@@ -3,6 +3,15 @@
 
 The optimizer only ever sees the unit box; the default start is the box centre with step 1/6 —
 the settings of Sakana's EvoLLM-JP parameter-space search.
+
+    search_space:
+      kind: ps
+      method: dare_ties                      # any registered merge method
+      parameters: {weight: [0, 1], density: [0.1, 1]}   # searched per-source parameters and ranges
+      granularity: groups                    # global | groups (one value per layer group)
+      families: true                         # with groups: blocks split into attention / mlp / norm
+      fixed: {normalize: false}              # parameters held constant (shared or per source)
+      component: {"language_model.": ""}     # optional: merge only part of the base (see Recipe)
 """
 
 from __future__ import annotations
@@ -12,11 +21,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from evomerge.architecture import classify
-from evomerge.checkpoint import Checkpoint
-from evomerge.methods import get_method
-from evomerge.recipe import Recipe
+from evomerge.bank import component_source_name
+from evomerge.errors import EvomergeError, check_keys, close_match, is_number
+from evomerge.methods import METHODS, get_method
+from evomerge.recipe import Recipe, check_setting
+from evomerge.search_spaces.base import SpaceContext, register_space
 
 BLOCK_FAMILIES = ("attention", "mlp", "norm")
+GRANULARITIES = ("global", "groups")
+KEYS = ("kind", "method", "parameters", "granularity", "families", "fixed", "component")
 
 
 @dataclass(frozen=True)
@@ -31,14 +44,16 @@ class Cell:
         return self.group + (f"/{self.family}" if self.family else "")
 
 
-def layer_cells(base_path: str, granularity: str, families: bool) -> list[Cell]:
-    """The cells a genome spans: one for 'global', else each layer group the model has, in order."""
+def layer_cells(names: list[str], model_type: str, granularity: str, families: bool,
+                component: dict | None = None) -> list[Cell]:
+    """The cells a genome spans: one for 'global', else each layer group of the merged tensors, in order."""
     if granularity == "global":
         return [Cell(None)]
-    ck = Checkpoint(base_path)
     cells: list[Cell] = []
-    for name in ck.names():
-        role = classify(name, ck.model_type)
+    for name in names:
+        if component_source_name(name, component) is None:
+            continue  # not merged (a component merge): a coordinate here would change nothing
+        role = classify(name, model_type)
         fam = role.family if families and role.block is not None and role.family in BLOCK_FAMILIES else None
         cell = Cell(role.group, fam)
         if cell not in cells:
@@ -53,8 +68,11 @@ def layer_cells(base_path: str, granularity: str, families: bool) -> list[Cell]:
     return sorted(cells, key=order)
 
 
+@register_space("ps")
 class ParameterSpace:
     """decode(x) -> Recipe for x in [0, 1]^dim."""
+
+    kind = "ps"
 
     def __init__(
         self,
@@ -77,15 +95,99 @@ class ParameterSpace:
         self.fixed = dict(fixed or {})
         self.seed = seed
         self.dtype = dtype
-        self.names = [
-            f"{src}.{p}@{cell.label}" for src in sources for p in parameters for cell in cells
-        ]
+        self.names = [f"{src}.{p}@{cell.label}" for src in sources for p in parameters for cell in cells]
+
+    # -- the registered kind: config block in, space out -------------------------------------
 
     @classmethod
-    def from_config(cls, space: dict, sources: dict[str, str], base: str | None, seed: int, dtype: str) -> "ParameterSpace":
-        cells = layer_cells(base or next(iter(sources.values())), space["granularity"], bool(space.get("families")))
-        return cls(space["method"], sources, base, space["parameters"], cells, space.get("fixed"), seed, dtype,
-                   space.get("component"))
+    def validate(cls, block: dict, where: str = "search_space") -> dict:
+        """The block with defaults filled in, or one line naming the bad field."""
+        check_keys(block, KEYS, where)
+        name = block.get("method", "task_arithmetic")
+        if name not in METHODS:
+            raise EvomergeError(f"config field '{where}.method': bad value {name!r}; allowed: {', '.join(METHODS)}"
+                                f"{close_match(name, METHODS)}")
+        method = get_method(name)
+        gran = block.get("granularity", "global")
+        if gran not in GRANULARITIES:
+            raise EvomergeError(f"config field '{where}.granularity': bad value {gran!r}; allowed: "
+                                f"{', '.join(GRANULARITIES)}{close_match(gran, GRANULARITIES)}")
+        families = block.get("families", False)
+        if not isinstance(families, bool):
+            raise EvomergeError(f"config field '{where}.families': bad value {families!r}; allowed: true, false")
+        if families and gran != "groups":
+            raise EvomergeError(f"config field '{where}.families': true has no effect with granularity {gran!r}; "
+                                "set granularity: groups, or drop families")
+        params = block.get("parameters", {"weight": [0.0, 1.0]})
+        if not isinstance(params, dict) or not params:
+            raise EvomergeError(f"config field '{where}.parameters': bad value {params!r}; allowed: a mapping "
+                                "{parameter: [low, high]}, e.g. {weight: [0, 1], density: [0.1, 1]}")
+        searchable = [k for k, spec in method.source_params.items() if spec.kind is float]
+        for p, rng in params.items():
+            if p not in searchable:
+                raise EvomergeError(f"config field '{where}.parameters.{p}': {method.name} has no per-source "
+                                    f"parameter {p!r} to search; per-source parameters of {method.name}: "
+                                    f"{', '.join(searchable) or 'none'}{close_match(p, searchable)}")
+            spec = method.source_params[p]
+            ok = isinstance(rng, list) and len(rng) == 2 and all(is_number(v) for v in rng) and rng[0] < rng[1]
+            if not ok:
+                raise EvomergeError(f"config field '{where}.parameters.{p}': bad value {rng!r}; allowed: a range "
+                                    "[low, high] with low < high (finite numbers)")
+            if (spec.low is not None and rng[0] < spec.low) or (spec.high is not None and rng[1] > spec.high):
+                raise EvomergeError(f"config field '{where}.parameters.{p}': range {rng} leaves {method.name}'s "
+                                    f"allowed [{spec.low}, {spec.high}]")
+        fixed = block.get("fixed") or {}
+        if not isinstance(fixed, dict):
+            raise EvomergeError(f"config field '{where}.fixed': bad value {fixed!r}; allowed: a mapping of "
+                                "parameters held constant, e.g. {normalize: false}")
+        allowed = list(method.params)
+        for k, v in fixed.items():
+            if k not in allowed:
+                raise EvomergeError(f"config field '{where}.fixed.{k}' is unknown for {method.name}; allowed: "
+                                    f"{', '.join(allowed) or 'none'}{close_match(k, allowed)}")
+            if k in params:
+                raise EvomergeError(f"config field '{where}.fixed.{k}': {k!r} is also searched under "
+                                    f"{where}.parameters; keep it in one of the two")
+            check_setting(v, method.params[k], f"config field '{where}.fixed.{k}'")
+        for k, spec in method.params.items():
+            if spec.default is None and k not in params and k not in fixed:
+                raise EvomergeError(f"config field '{where}': {method.name} needs {k!r}; search it under "
+                                    f"parameters or set it under fixed")
+        component = block.get("component")
+        if component is not None and not (isinstance(component, dict) and component
+                                          and all(isinstance(a, str) and isinstance(b, str) for a, b in component.items())):
+            raise EvomergeError(f"config field '{where}.component': bad value {component!r}; allowed: a mapping "
+                                "of base-name prefixes to source-name prefixes, e.g. {'language_model.': ''}")
+        out = dict(block, kind="ps", method=method.name, granularity=gran, families=families, parameters=params,
+                   fixed=fixed)
+        if component is None:
+            out.pop("component", None)
+        return out
+
+    @classmethod
+    def build(cls, block: dict, ctx: SpaceContext) -> "ParameterSpace":
+        method = get_method(block["method"])
+        shared_fixed = {k: v for k, v in block["fixed"].items() if k in method.shared_params}
+        shared = {k: spec.default for k, spec in method.shared_params.items()} | shared_fixed
+        idle = method.ignored_parameters(len(ctx.sources), shared) & set(block["parameters"])
+        if idle:
+            raise EvomergeError(f"config field 'search_space.parameters': {sorted(idle)} cannot change a "
+                                f"{method.name} merge of {len(ctx.sources)} source(s) with {shared}; "
+                                "searching them wastes the budget: fix them, or add sources")
+        if method.needs_base and ctx.base is None:
+            raise EvomergeError(f"config field 'base' is missing: method {method.name!r} merges task vectors "
+                                "relative to a base model")
+        n = len(ctx.sources)
+        if n < method.min_sources or (method.max_sources is not None and n > method.max_sources):
+            raise EvomergeError(f"config field 'sources': method {method.name!r} takes "
+                                f"{method.min_sources}{'' if method.max_sources == method.min_sources else '+'} "
+                                f"source(s) besides the base, got {n}")
+        cells = layer_cells(list(ctx.reference.shapes), ctx.reference.model_type, block["granularity"],
+                            bool(block.get("families")), block.get("component"))
+        return cls(block["method"], ctx.sources, ctx.base, block["parameters"], cells, block["fixed"], ctx.seed,
+                   ctx.dtype, block.get("component"))
+
+    # -- the SearchSpace interface ------------------------------------------------------------
 
     @property
     def dim(self) -> int:
@@ -96,6 +198,12 @@ class ParameterSpace:
         return np.full(self.dim, 0.5)
 
     sigma0 = 1.0 / 6.0
+
+    def describe(self) -> list[str]:
+        params = ", ".join(f"{p} in [{lo:g}, {hi:g}]" for p, (lo, hi) in self.parameters.items())
+        where = "one value for all tensors" if self.cells[0].group is None else f"{len(self.cells)} cells"
+        return [f"parameter space: {self.method.name}; {params}; per source x {where}",
+                f"fixed: {self.fixed or 'nothing'}"]
 
     def decode(self, x) -> Recipe:
         x = np.clip(np.asarray(x, dtype=float), 0.0, 1.0)

@@ -13,11 +13,12 @@ import pytest
 import yaml
 
 from evomerge.archive import front_indices, hypervolume
-from evomerge.campaign import CampaignRunner, campaign_status
+from evomerge.campaign import CampaignRunner
 from evomerge.config import Objective, parse_campaign
 from evomerge.errors import EvomergeError
 from evomerge.journal import Journal
 from evomerge.optimizers import make_optimizer
+from evomerge.view import campaign_status, front_members
 
 
 def tiny_config(fam, **over):
@@ -49,12 +50,10 @@ def write_config(tmp_path, cfg, name="campaign.yaml"):
 def front_set(folder):
     j = Journal(folder)
     camp = parse_campaign(j.get("config"))
-    from evomerge.campaign import front_members
-
     members = front_members(j, camp)
     j.close()
-    return sorted((tuple(m["recipe"]["sources"][0]["parameters"]["weight"][0].values()), m["id"],
-                   round(m["objectives"]["lp"], 10)) for m in members)
+    return sorted((tuple(m.recipe["sources"][0]["parameters"]["weight"][0].values()), m.id,
+                   round(m.objectives["lp"], 10)) for m in members)
 
 
 def evomerge_cli(*args, **kw):
@@ -147,7 +146,7 @@ def test_front_and_hypervolume_on_hand_made_points():
     pts = [{"a": 0.8, "b": 0.2}, {"a": 0.5, "b": 0.5}, {"a": 0.2, "b": 0.8}, {"a": 0.3, "b": 0.3}, {"a": 0.1, "b": 0.1}]
     assert front_indices(objs, pts) == [0, 1, 2]
     # Union of the three boxes down to the origin: .16 + .25 + .16 - .1 - .1 - .04 + .04
-    assert hypervolume(objs, pts) == pytest.approx(0.37)
+    assert hypervolume(objs, pts, {"a": 0.0, "b": 0.0}) == pytest.approx(0.37)
     mixed = [Objective("acc", {"acc": 1.0}, "maximize"), Objective("ppl", {"ppl": 1.0}, "minimize")]
     pts = [{"acc": 0.9, "ppl": 12.0}, {"acc": 0.7, "ppl": 8.0}, {"acc": 0.6, "ppl": 9.0}, {"acc": 0.95, "ppl": 20.0}]
     assert front_indices(mixed, pts) == [0, 1, 3]
@@ -205,25 +204,79 @@ def test_status_and_front_json(llama_family, tmp_path):
     assert Recipe.from_dict(front[0]["recipe"]).method == "ties"
 
 
-def test_failed_candidate_is_recorded_not_fatal(llama_family, tmp_path):
-    """An evaluation that raises (injected: the scorer runs out of memory on the second candidate) is
-    journaled as failed with its error, the optimizer is told a penalty, and the campaign goes on."""
-    import torch
-
-    runner = CampaignRunner(parse_campaign(tiny_config(llama_family, budget=8)), tmp_path / "f", progress=False)
+def _inject(runner, fail):
+    """Wrap the first fitness evaluator: `fail(call_number)` returns an exception to raise, a metric value, or None."""
     evaluator = runner.executor.worker.evaluators["fitness"][0]
     real_score = evaluator.score
     calls = []
 
     def score(model):
         calls.append(1)
-        if len(calls) == 2:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_score(model)
+        outcome = fail(len(calls))
+        if isinstance(outcome, BaseException):
+            raise outcome
+        result = real_score(model)
+        if outcome is not None:
+            result = {k: outcome for k in result}
+        return result
 
     evaluator.score = score
+    told = []
+    real_tell = runner.optimizer.tell
+    runner.optimizer.tell = lambda genomes, losses: (told.extend(losses), real_tell(genomes, losses))
+    return told
+
+
+def test_infrastructure_failure_is_retried_never_told_as_a_penalty(llama_family, tmp_path):
+    """Out of memory once: the candidate is evaluated again (attempts 2) and told its real score."""
+    import torch
+
+    from evomerge.campaign import PENALTY
+
+    runner = CampaignRunner(parse_campaign(tiny_config(llama_family, budget=8)), tmp_path / "f", progress=False)
+    told = _inject(runner, lambda n: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+                   if n == 2 else None)
     runner.run()
     st = campaign_status(tmp_path / "f")
+    assert st["failed"] == 0 and st["evaluated"] == 8
+    assert PENALTY not in [v for loss in told for v in loss]
+    rows = Journal(tmp_path / "f").candidates()
+    retried = [r for r in rows if r.attempts == 2]
+    assert len(retried) == 1 and retried[0].status == "done"
+    assert retried[0].last_error.startswith("torch.OutOfMemoryError: CUDA out of memory")
+
+
+def test_candidate_failure_is_journaled_and_told_as_a_penalty(llama_family, tmp_path):
+    """NaN scores are the candidate's own failure: status failed, a penalty told, the campaign goes on."""
+    from evomerge.campaign import PENALTY
+
+    runner = CampaignRunner(parse_campaign(tiny_config(llama_family, budget=8)), tmp_path / "n", progress=False)
+    told = _inject(runner, lambda n: float("nan") if n == 3 else None)
+    runner.run()
+    st = campaign_status(tmp_path / "n")
     assert st["failed"] == 1 and st["evaluated"] == 8
-    failed = Journal(tmp_path / "f").candidates("failed")
-    assert failed[0].error.startswith("torch.OutOfMemoryError: CUDA out of memory") and failed[0].metrics is None
+    failed = Journal(tmp_path / "n").candidates("failed")
+    assert "non-finite" in failed[0].error and failed[0].metrics is None and failed[0].error_kind == "candidate"
+    assert [loss[0] for loss in told].count(PENALTY) == 1
+    assert failed[0].id not in {m.id for m in front_members(*__import__("evomerge.view", fromlist=["x"]).open_campaign(tmp_path / "n"))}
+
+
+def test_repeated_infrastructure_failure_stops_the_campaign_then_resume_finishes(llama_family, tmp_path):
+    import torch
+
+    cfg = tiny_config(llama_family, budget=8)
+    runner = CampaignRunner(parse_campaign(cfg), tmp_path / "s", progress=False)
+    _inject(runner, lambda n: torch.OutOfMemoryError("CUDA out of memory") if n >= 3 else None)
+    with pytest.raises(EvomergeError, match=r"candidate #3 failed for a reason not its own .*OutOfMemoryError.* 3 "
+                                            r"time\(s\); nothing about it was told.*evomerge resume"):
+        runner.run()
+    rows = Journal(tmp_path / "s").candidates()
+    assert not [r for r in rows if r.status == "failed"]
+    stuck = {r.id: r for r in rows if r.status == "pending" and r.last_error}
+    assert stuck[3].attempts == 3  # the first to run out of retries
+    assert {e["id"] for e in campaign_status(tmp_path / "s")["infrastructure_errors"]} == set(stuck)
+    # The cause is fixed (no injection): resume evaluates the stuck candidate and finishes.
+    res = evomerge_cli("resume", tmp_path / "s", "--quiet")
+    assert res.returncode == 0, res.stderr
+    st = campaign_status(tmp_path / "s")
+    assert st["evaluated"] == 8 and st["failed"] == 0 and st["done"]

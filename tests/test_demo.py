@@ -37,7 +37,7 @@ def test_demo_winner_beats_sources_and_uniform_on_holdout(demo_run):
     assert hold["winner"] > hold["uniform"], hold
     assert "held-out scores" in stdout and "uniform" in stdout and "winner" in stdout
     # Fitness and held-out examples are disjoint.
-    from evaluators.synthetic import examples
+    from evomerge.evaluators.synthetic import examples
 
     for task in ("reverse", "sort", "shift"):
         fit = {p for p, _ in examples(task, "fitness", 100)}
@@ -51,16 +51,16 @@ def test_nsga2_config_finds_a_front_of_at_least_three(demo_run, tmp_path, monkey
     data = yaml.safe_load(open(os.path.join(ROOT, "experiments", "demo_nsga2.yaml")))
     runner = CampaignRunner(parse_campaign(data), tmp_path / "nsga2", progress=False)
     outcome = runner.run()
-    points = {tuple(sorted(m["objectives"].items())) for m in outcome.front}
+    points = {tuple(sorted(m.objectives.items())) for m in outcome.front}
     assert len(points) >= 3, points
     values = [dict(p) for p in points]
-    assert front_indices(runner.c.objectives, values) == list(range(len(values)))  # mutually non-dominated
-    assert all("reverse_acc" in m["holdout"] for m in outcome.front)
+    assert front_indices(runner.campaign.objectives, values) == list(range(len(values)))  # mutually non-dominated
+    assert all("reverse_acc" in m.holdout for m in outcome.front)
 
 
 def test_racing_stops_hopeless_candidates_and_journals_them(demo_cache, tmp_path, monkeypatch):
-    from evomerge.campaign import campaign_status, front_rows
     from evomerge.journal import Journal
+    from evomerge.view import campaign_status, front_members
 
     monkeypatch.setenv("EVOMERGE_CACHE", str(demo_cache))
     data = yaml.safe_load(open(os.path.join(ROOT, "experiments", "demo.yaml")))
@@ -76,7 +76,7 @@ def test_racing_stops_hopeless_candidates_and_journals_them(demo_cache, tmp_path
     assert all(r.examples < full for r in raced) and all(r.examples == full for r in done)
     best = max(r.objectives["mean_accuracy"] for r in done)
     assert all(r.objectives["mean_accuracy"] < best for r in raced)
-    assert {r.id for r in front_rows(journal, runner.c)} <= {r.id for r in done}  # partial scores never make the front
+    assert {m.id for m in front_members(journal, runner.campaign)} <= {r.id for r in done}  # partial scores never make the front
     st = campaign_status(tmp_path / "race")
     assert st["raced"] == len(raced) and st["examples_scored"] == sum(r.examples for r in rows) < full * len(rows)
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from evaluators import build_evaluator
-from evaluators.mgsm import DATA, LANGUAGES, MGSM, build_prompt, extract_answer, load_rows, script_share
+from evomerge.evaluators import build_evaluator
+from evomerge.evaluators.mgsm import DATA, LANGUAGES, MGSM, build_prompt, extract_answer, load_rows, script_share
 from evomerge.errors import EvomergeError
 from evomerge.tiny import char_tokenizer, save_model, tiny_config
 
@@ -209,7 +209,7 @@ metric_list:
 def test_lm_eval_in_memory_equals_lm_eval_itself(demo_cache, tmp_path):
     """generate_until and multiple_choice tasks from local files: in-memory scores == lm-eval's own run."""
     lm_eval = pytest.importorskip("lm_eval")
-    from evaluators.synthetic import examples
+    from evomerge.evaluators.synthetic import examples
 
     data = tmp_path / "reverse.jsonl"
     rows = []

@@ -12,6 +12,7 @@ import yaml
 
 from evomerge.checkpoint import Checkpoint
 from evomerge.merge import merge_to_disk
+from evomerge.loader import load_recipe
 from evomerge.recipe import Recipe
 
 mergekit = pytest.importorskip("mergekit")
@@ -31,7 +32,7 @@ def run_evomerge(config: dict, tmp_path, name="evo"):
     cfg = tmp_path / f"{name}.yaml"
     cfg.write_text(yaml.safe_dump(config))
     out = tmp_path / name
-    merge_to_disk(Recipe.load(cfg), out)
+    merge_to_disk(load_recipe(cfg), out)
     return Checkpoint(out)
 
 
@@ -143,7 +144,6 @@ def test_dare_linear_expectation_matches_undropped_mergekit(llama_family, tmp_pa
 
 def test_dare_ties_keeps_density_fraction(llama_family):
     from evomerge.bank import SourceBank
-    from evomerge.recipe import Recipe
 
     fam = llama_family
     recipe = Recipe.from_dict({"method": "dare_ties", "base": str(fam["base"]), "parameters": {"rescale": False},

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from evaluators.vqa import rouge_l, write_easy_vqa
+from evomerge.evaluators.vqa import rouge_l, write_easy_vqa
 from evomerge.bank import SourceBank
 from evomerge.checkpoint import Checkpoint
 from evomerge.merge import merge_to_disk

@@ -1,0 +1,300 @@
+"""Pre-flight: everything about a campaign that can be known without reading a tensor, checked first.
+
+Before a campaign loads a weight or writes its config to a journal, pre-flight resolves the
+models (their safetensors headers only), checks every source against the base tensor by tensor,
+builds the search space and the optimizer, builds the evaluators (tokenizer and data, no model),
+checks that fitness and held-out sets share no example and that the objectives' metrics will
+exist, and estimates the memory the bank will need. A mistake anywhere is one line naming the
+config field; `evomerge run CONFIG --dry-run` prints the resulting plan and stops there.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import textwrap
+from dataclasses import dataclass
+from typing import Any
+
+from evomerge.config import Campaign
+from evomerge.errors import EvomergeError
+from evomerge.models import ModelInfo, model_info, resolve_ref
+from evomerge.worker import FITNESS, HOLDOUT, WorkerSpec
+
+
+@dataclass
+class Plan:
+    campaign: Campaign
+    base: str | None  # resolved references: what recipes name
+    sources: dict[str, str]
+    models: dict[str, ModelInfo]  # config field ("base", "sources.<name>") -> what its headers say
+    space: Any  # a SearchSpace
+    optimizer: Any  # an Optimizer, fresh
+    generation_sizes: list[int]
+    worker: WorkerSpec
+    evaluators: dict[str, list] | None  # built on the reference tokenizer (None: the model is not built yet)
+    tokenizer: Any
+    memory: dict[str, int]
+    provenance: dict
+
+    @property
+    def population(self) -> int:
+        return self.optimizer.population
+
+
+def _field(name: str, exc: EvomergeError) -> EvomergeError:
+    text = str(exc)
+    return exc if text.startswith("config field") else EvomergeError(f"config field '{name}': {text}")
+
+
+def generation_sizes(budget: int, population: int) -> list[int]:
+    """Candidates per generation: full populations, then what is left of the budget (exactly `budget`)."""
+    full, rest = divmod(budget, population)
+    return [population] * full + ([rest] if rest else [])
+
+
+def preflight(campaign: Campaign, build: bool = True) -> Plan:
+    """The plan of a campaign, or one line naming what is wrong. `build=False` builds no model
+    (a built-in family not on disk yet is described from its config) and reads no tensor."""
+    from evomerge.bank import check_compatible
+    from evomerge.devices import check_device
+    from evomerge.optimizers import make_optimizer
+    from evomerge.search_spaces import SpaceContext, space_kind
+
+    device = campaign.executor.get("device")
+    if device is not None:
+        try:
+            check_device(device)
+        except EvomergeError as exc:
+            raise _field("executor.device", exc) from None
+
+    refs = ({"base": campaign.base} if campaign.base else {}) | {f"sources.{n}": r for n, r in campaign.sources.items()}
+    models: dict[str, ModelInfo] = {}
+    resolved: dict[str, str] = {}
+    for name, ref in refs.items():
+        try:
+            resolved[name] = resolve_ref(ref, build=build)
+            models[name] = model_info(ref)
+        except EvomergeError as exc:
+            raise _field(name, exc) from None
+
+    space_block = campaign.search_space
+    method_needs_base = _needs_base(space_block)
+    base_info = models.get("base")
+    for name, info in models.items():
+        if name != "base" and base_info is not None and method_needs_base \
+                and info.path.resolve() == base_info.path.resolve():
+            raise EvomergeError(f"config field '{name}': {info.ref} is the base model itself; its task vector is "
+                                "zero, so its parameters could change nothing: drop it from sources")
+    reference_name = "base" if base_info is not None else next(iter(models))
+    reference = models[reference_name]
+    ref_path = reference.path.resolve()
+    check_compatible(reference.ref, reference.shapes,
+                     {info.ref: (reference.shapes if info.path.resolve() == ref_path else info.shapes)
+                      for name, info in models.items() if name != reference_name},
+                     reference.model_type, space_block.get("component"))
+
+    sources = {n: resolved[f"sources.{n}"] for n in campaign.sources}
+    base = resolved.get("base")
+    space = space_kind(space_block["kind"]).build(
+        space_block, SpaceContext(sources, base, reference, campaign.seed, campaign.dtype))
+    optimizer = make_optimizer(campaign.optimizer, space.dim, len(campaign.objectives), campaign.seed,
+                               space.x0, space.sigma0, campaign.budget)
+    if optimizer.population > campaign.budget:
+        how = "optimizer.population" if campaign.optimizer.get("population") else \
+            f"the default population 4 + floor(3 ln {space.dim}) for {space.dim} coordinate(s)"
+        raise EvomergeError(f"config field 'budget': {campaign.budget} is smaller than one generation of "
+                            f"{optimizer.population} candidates ({how}); raise the budget or set a smaller "
+                            "optimizer.population")
+
+    worker = WorkerSpec(list(sources.values()), base, campaign.fitness, campaign.holdout, campaign.dtype,
+                        device or "cpu", campaign.racing, dict(campaign.objectives[0].metrics),
+                        space_block.get("component"))
+    tokenizer, evaluators = _evaluators(campaign, worker, reference)
+    return Plan(
+        campaign=campaign, base=base, sources=sources, models=models, space=space, optimizer=optimizer,
+        generation_sizes=generation_sizes(campaign.budget, optimizer.population), worker=worker,
+        evaluators=evaluators, tokenizer=tokenizer, memory=memory_estimate(campaign, models, reference, space_block),
+        provenance=provenance(models),
+    )
+
+
+def _needs_base(space_block: dict) -> bool:
+    from evomerge.methods import METHODS
+
+    method = METHODS.get(space_block.get("method", ""))
+    return bool(method and method.needs_base)
+
+
+def _evaluators(campaign: Campaign, worker: WorkerSpec, reference: ModelInfo) -> tuple[Any, dict | None]:
+    from evomerge.evaluate import load_processor
+    from evomerge.worker import build_evaluators
+
+    if reference.built:
+        tokenizer = load_processor(reference.path)
+    else:
+        from evomerge.models import builtin_family
+
+        family, _ = builtin_family(reference.ref)
+        tokenizer = family.tokenizer() if family.tokenizer else None
+        if tokenizer is None:
+            return None, None
+    evaluators = build_evaluators(worker, tokenizer)
+    _check_disjoint(evaluators)
+    _check_metrics(campaign, evaluators)
+    return tokenizer, evaluators
+
+
+def _check_disjoint(evaluators: dict[str, list]) -> None:
+    """Fitness must never score (or show as exemplars) an example the campaign holds out."""
+    held = [(j, ev.examples_key()) for j, ev in enumerate(evaluators[HOLDOUT])]
+    for i, ev in enumerate(evaluators[FITNESS]):
+        for what, (key, rows) in (("scores", ev.examples_key()),
+                                  ("uses as few-shot exemplars", getattr(ev, "exemplar_key", lambda: (None, set()))())):
+            for j, (hkey, hrows) in held:
+                if key != hkey or (rows is not None and not rows) or (hrows is not None and not hrows):
+                    continue
+                shared = None if rows is None or hrows is None else rows & hrows
+                if shared is None or shared:
+                    detail = "the same examples" if shared is None else \
+                        f"{len(shared)} example(s) (rows {min(shared)}-{max(shared)} of {key})"
+                    raise EvomergeError(f"config field 'fitness[{i}]' {what} {detail} that holdout[{j}] holds out; "
+                                        "fitness and held-out data must not overlap: pick disjoint splits")
+
+
+def _check_metrics(campaign: Campaign, evaluators: dict[str, list]) -> None:
+    declared = [ev.metric_names() for ev in evaluators[FITNESS]]
+    if all(names is not None for names in declared):
+        produced = set().union(*declared)
+        missing = sorted(campaign.metric_names - produced)
+        if missing:
+            raise EvomergeError(f"config field 'objectives': metric(s) {missing} are not produced by the fitness "
+                                f"evaluators (they produce {sorted(produced)}); fix 'objectives' or 'fitness'")
+    if campaign.racing:
+        unbounded = [ev.identity()["task"] for ev in evaluators[FITNESS] if not getattr(ev, "bounded", False)]
+        if unbounded:
+            raise EvomergeError(f"config field 'racing': fitness task(s) {unbounded} give no per-example scores "
+                                "in [0, 1]; racing needs exact-match style tasks (e.g. synthetic:<task>, mgsm)")
+
+
+def memory_estimate(campaign: Campaign, models: dict[str, ModelInfo], reference: ModelInfo, space_block: dict) -> dict:
+    """Bytes the worker will hold: the bank (reference + one task vector per other source + per-element
+    keys for sparsifying methods) and the model being evaluated, in the campaign's dtype."""
+    import torch
+
+    from evomerge.bank import component_source_name
+    from evomerge.methods import METHODS
+    from evomerge.recipe import DTYPES
+
+    element = torch.empty(0, dtype=DTYPES[campaign.dtype]).element_size()
+    merged = sum(math.prod(s) for n, s in reference.shapes.items()
+                 if component_source_name(n, space_block.get("component")) is not None)
+    ref_path = reference.path.resolve()
+    deltas = sum(1 for name, info in models.items() if name != "base" and info.path.resolve() != ref_path)
+    method = METHODS.get(space_block.get("method", ""))
+    keys = deltas * merged * 4 if method is not None and method.element_key else 0  # int32 ranks / drop fields
+    bank = reference.numel * element + deltas * merged * element
+    model = reference.numel * element
+    return {"reference": reference.numel * element, "deltas": deltas * merged * element, "keys": keys,
+            "bank": bank + keys, "model": model, "total": bank + keys + model}
+
+
+def provenance(models: dict[str, ModelInfo]) -> dict:
+    """What the journal keeps to tell, on resume, whether the models or the software changed."""
+    import torch
+    import transformers
+
+    from evomerge import __version__
+
+    return {
+        "models": {name: {"ref": info.ref, "path": str(info.path), "fingerprint": info.fingerprint}
+                   for name, info in models.items()},
+        "versions": {"evomerge": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+    }
+
+
+def check_provenance(stored: dict | None, current: dict) -> list[str]:
+    """Refuse a resume over models that changed on disk; return notes about changed software versions."""
+    if not stored:
+        return []
+    for name, now in current["models"].items():
+        then = stored.get("models", {}).get(name)
+        if then and then.get("fingerprint") and now.get("fingerprint") and then["fingerprint"] != now["fingerprint"]:
+            raise EvomergeError(f"config field '{name}': {now['ref']} changed on disk since the campaign started "
+                                f"(fingerprint {then['fingerprint']} -> {now['fingerprint']}); its old results would "
+                                "mix with new ones: restore the model, or start a new campaign in a new --out folder")
+    notes = []
+    for pkg, version in current["versions"].items():
+        old = stored.get("versions", {}).get(pkg)
+        if old and old != version:
+            notes.append(f"{pkg} {old} -> {version} since the campaign started; resume checks each generation "
+                         "against the journal and stops if the results diverge")
+    return notes
+
+
+# -- the dry-run report ---------------------------------------------------------------------------
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def available_memory(device: str) -> int | None:
+    try:
+        if device.startswith("cuda"):
+            import torch
+
+            return int(torch.cuda.mem_get_info(torch.device(device))[0])
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, RuntimeError, ValueError):
+        return None
+    return None
+
+
+def describe(plan: Plan) -> list[str]:
+    c = plan.campaign
+    lines = [f"campaign {c.name!r}: {len(c.sources)} source(s)" + (" + base" if c.base else "") + f", seed {c.seed}"]
+    lines.append("models (from safetensors headers; no tensor read):")
+    for name, info in plan.models.items():
+        state = f"fingerprint {info.fingerprint}" if info.built else "not built yet: built on the first run"
+        lines.append(f"  {name:<18s} {info.ref}  [{info.model_type}, {info.numel / 1e6:.2f}M parameters, {state}]")
+    space = plan.space
+    lines.append(f"genome: {space.dim} coordinate(s); " + "; ".join(space.describe()))
+    lines += textwrap.wrap(", ".join(space.names), 100, initial_indent="  ", subsequent_indent="  ")
+    sizes = plan.generation_sizes
+    tail = f" (the last one partial: {sizes[-1]})" if sizes[-1] != plan.population else ""
+    lines.append(f"optimizer: {c.optimizer['name']}, population {plan.population}, sigma0 "
+                 f"{c.optimizer.get('sigma0', space.sigma0):.3g}")
+    lines.append(f"candidates: {c.budget} in {len(sizes)} generation(s){tail}; held-out scoring of up to "
+                 f"{c.holdout_max} front member(s)")
+    if plan.evaluators is None:
+        lines.append("evaluators: checked when the models are built")
+    else:
+        for role in (FITNESS, HOLDOUT):
+            for i, ev in enumerate(plan.evaluators[role]):
+                ident = ev.identity()
+                lines.append(f"  {role}[{i}]  {ident.get('task')}  split {ident.get('split')}  n={ident.get('n')}")
+    for o in c.objectives:
+        terms = " + ".join(f"{w:.3g}*{m}" for m, w in o.metrics.items())
+        lines.append(f"objective {o.name} = {terms} ({o.direction})")
+    if c.racing:
+        lines.append(f"racing: stages {c.racing['stages']}, z {c.racing['z']}")
+    m = plan.memory
+    device = plan.worker.device
+    avail = available_memory(device)
+    lines.append(f"memory on {device} ({c.dtype}): bank {_size(m['bank'])} (reference {_size(m['reference'])} + "
+                 f"task vectors {_size(m['deltas'])} + per-element keys {_size(m['keys'])}), evaluation model "
+                 f"{_size(m['model'])}; total ~{_size(m['total'])}"
+                 + (f" of {_size(avail)} available" if avail else ""))
+    if avail is not None and m["total"] > avail:
+        lines.append(f"warning: the estimate exceeds the {_size(avail)} available on {device}")
+    return lines
+

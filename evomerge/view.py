@@ -1,0 +1,171 @@
+"""One read model of a campaign, computed from the journal alone.
+
+`evomerge status`, `front`, their `--json`, the demo's report (and the plots and HTML report to
+come) all render from `CampaignView` and `Member`; nothing else recomputes fronts or tallies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from evomerge import archive
+from evomerge.config import Campaign, parse_campaign
+from evomerge.errors import EvomergeError
+from evomerge.journal import CandidateRow, Journal
+
+
+@dataclass
+class Member:
+    """A point of the Pareto front: the earliest candidate with its objective values, and its ties."""
+
+    id: int
+    generation: int
+    objectives: dict
+    metrics: dict
+    holdout: dict
+    genome: list[float]
+    recipe: dict
+    duplicates: list[int] = field(default_factory=list)  # later candidates with identical objectives
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class CampaignView:
+    name: str
+    folder: str
+    budget: int
+    evaluated: int  # done + raced + failed
+    failed: int
+    raced: int
+    pending: int
+    examples_scored: int
+    generations: int  # checkpointed generations
+    done: bool
+    best: dict[str, float]
+    front: list[Member]
+    hypervolume: list[float]  # one per generation, against a fixed reference: non-decreasing
+    hv_reference: dict | None
+    eval_seconds: float
+    infrastructure_errors: list[dict]  # pending candidates whose last attempt failed for a reason not their own
+
+    def to_json(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k != "front"}
+        out["front_size"] = len(self.front)
+        out["front"] = [m.id for m in self.front]
+        return out
+
+
+def front_rows(journal: Journal, campaign: Campaign) -> list[tuple[CandidateRow, list[int]]]:
+    """(row, duplicate ids) per distinct front point, in candidate order."""
+    rows = journal.candidates("done")
+    points = archive.front(campaign.objectives, [r.objectives for r in rows])
+    return [(rows[p.index], [rows[i].id for i in p.duplicates]) for p in points]
+
+
+def front_members(journal: Journal, campaign: Campaign) -> list[Member]:
+    return [Member(r.id, r.generation, r.objectives, r.metrics, dict(r.holdout or {}), r.genome, r.recipe, dups)
+            for r, dups in front_rows(journal, campaign)]
+
+
+def campaign_view(journal: Journal, campaign: Campaign) -> CampaignView:
+    rows = journal.candidates()
+    done_rows = [r for r in rows if r.status == "done"]
+    best = {}
+    for o in campaign.objectives:
+        vals = [r.objectives[o.name] for r in done_rows]
+        if vals:
+            best[o.name] = max(vals) if o.direction == "maximize" else min(vals)
+    cps = journal.checkpoints()
+    return CampaignView(
+        name=campaign.name,
+        folder=str(journal.folder),
+        budget=campaign.budget,
+        evaluated=sum(r.status in ("done", "raced", "failed") for r in rows),
+        failed=sum(r.status == "failed" for r in rows),
+        raced=sum(r.status == "raced" for r in rows),
+        pending=sum(r.status == "pending" for r in rows),
+        examples_scored=journal.examples_scored(),
+        generations=len(cps),
+        done=bool(journal.get("done", False)),
+        best=best,
+        front=front_members(journal, campaign),
+        hypervolume=[c["hypervolume"] for c in cps],
+        hv_reference=journal.get("hv_reference"),
+        eval_seconds=round(sum((r.eval_s or 0) + (r.materialize_s or 0) for r in rows), 2),
+        infrastructure_errors=[{"id": r.id, "attempts": r.attempts, "error": r.last_error}
+                               for r in rows if r.status == "pending" and r.last_error],
+    )
+
+
+def open_campaign(folder: str | Path) -> tuple[Journal, Campaign]:
+    """The journal of an existing campaign folder and the config it was started with."""
+    folder = Path(folder)
+    journal = Journal(folder, create=False)
+    config = journal.get("config")
+    if config is None:
+        journal.close()
+        raise EvomergeError(f"{folder}/journal.sqlite holds no campaign config (its start failed before pre-flight "
+                            f"passed); start it with `evomerge run CONFIG --out {folder}`")
+    try:
+        return journal, parse_campaign(config, f"{folder}/journal.sqlite")
+    except EvomergeError:
+        journal.close()
+        raise
+
+
+def load_view(folder: str | Path) -> CampaignView:
+    journal, campaign = open_campaign(folder)
+    try:
+        return campaign_view(journal, campaign)
+    finally:
+        journal.close()
+
+
+def campaign_status(folder: str | Path) -> dict:
+    return load_view(folder).to_json()
+
+
+def candidate_detail(folder: str | Path, cid: int) -> dict:
+    """One candidate: recipe, metrics with the identity of what measured them, timings, error."""
+    journal, _ = open_campaign(folder)
+    try:
+        row = journal.candidate(cid)
+    finally:
+        journal.close()
+    if row is None:
+        raise EvomergeError(f"{folder} has no candidate #{cid}")
+    return asdict(row)
+
+
+# -- text renderings --------------------------------------------------------------------------
+
+
+def status_lines(view: CampaignView) -> list[str]:
+    state = "done" if view.done else ("running or stopped" if view.evaluated < view.budget else "finishing")
+    lines = [f"{view.name}: {view.evaluated}/{view.budget} candidates evaluated ({view.failed} failed, "
+             f"{view.raced} stopped by racing), {view.generations} generation(s), {state}"]
+    for k, v in view.best.items():
+        lines.append(f"  best {k}: {v:.4g}")
+    lines.append(f"  front: {len(view.front)} point(s)"
+                 + (f" ({sum(len(m.duplicates) for m in view.front)} tied duplicate(s) folded in)"
+                    if any(m.duplicates for m in view.front) else ""))
+    if view.hypervolume:
+        ref = ", ".join(f"{k}={v:.4g}" for k, v in (view.hv_reference or {}).items())
+        lines.append(f"  hypervolume by generation (reference {ref or 'not set yet'}): "
+                     + ", ".join(f"{h:.4g}" for h in view.hypervolume))
+    for e in view.infrastructure_errors:
+        lines.append(f"  candidate #{e['id']} pending after {e['attempts']} attempt(s): {e['error']}")
+    return lines
+
+
+def front_lines(front: list[Member]) -> list[str]:
+    lines = [f"front: {len(front)} point(s)"]
+    for m in front:
+        objs = ", ".join(f"{k}={v:.4g}" for k, v in m.objectives.items())
+        hold = ", ".join(f"{k}={v:.4g}" for k, v in m.holdout.items() if isinstance(v, float))
+        dup = f"   (ties: {', '.join(f'#{d}' for d in m.duplicates)})" if m.duplicates else ""
+        lines.append(f"  #{m.id}: {objs}" + (f"   held-out: {hold}" if hold else "") + dup)
+    return lines
