@@ -6,7 +6,21 @@ memory instead of a folder, so a campaign never writes a candidate to disk to sc
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from pathlib import Path
+
+
+@contextmanager
+def quiet_lm_eval():
+    """lm-eval logs warnings about task YAML defaults at every load; a user needs only real errors."""
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 class LMEvalTask:
@@ -28,12 +42,16 @@ class LMEvalTask:
         self.include_path = str(Path(include_path).resolve()) if include_path else None
         if include_path and not Path(include_path).is_dir():
             raise ValueError(f"lm-eval include path {include_path} is not a folder of task YAMLs")
-        self.task_manager = TaskManager(include_path=self.include_path)
+        # Local tasks first: indexing lm-eval's own task library takes seconds, a folder of YAMLs milliseconds.
+        self.task_manager = TaskManager(include_path=self.include_path, include_defaults=False) if include_path else None
+        if self.task_manager is None or task not in self.task_manager.all_tasks:
+            self.task_manager = TaskManager(include_path=self.include_path)
         if task not in self.task_manager.all_tasks:
             raise ValueError(f"lm-eval has no task {task!r}" + ("" if include_path else "; local tasks need include_path"))
         self.split = split  # informational: lm-eval tasks fix their own split in the task YAML
         try:  # load the data now: a data set missing from the offline cache is one line before any weight loads
-            self.task_manager.load([task])
+            with quiet_lm_eval():
+                self.task_manager.load([task])
         except Exception as exc:
             raise ValueError(f"lm-eval task {task!r} could not load its data ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); offline, its data set must be "

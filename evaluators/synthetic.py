@@ -135,7 +135,8 @@ class SyntheticLogprob(SyntheticTask):
     bounded = False  # log-probabilities are unbounded: no racing
 
     def identity(self) -> dict:
-        return {**super().identity(), "scoring": "teacher-forced answer log-probability"}
+        return {**super().identity(), "task": f"synthetic-logprob:{self.task}",
+                "scoring": "teacher-forced answer log-probability"}
 
     def metric_names(self) -> set[str]:
         return {f"{self.task}_logprob"}

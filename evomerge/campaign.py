@@ -210,7 +210,11 @@ class CampaignRunner:
         if res.error_kind == "candidate":
             self.journal.record_result(res.cid, None, None, None, res.error, res.materialize_s, res.eval_s)
             return None
-        objectives = self.objectives_of(res.metrics)
+        try:
+            objectives = self.objectives_of(res.metrics)
+        except EvomergeError as exc:  # a config error: the candidate stays pending, the campaign stops
+            self.journal.record_infrastructure_error(res.cid, str(exc))
+            raise
         bad = {k: v for k, v in objectives.items() if not math.isfinite(v)}
         if bad:
             self.journal.record_result(res.cid, res.metrics, res.identity, None,

@@ -359,12 +359,16 @@ def check_output_folder(out_dir: str | os.PathLike, overwrite: bool = False, pro
         if not (out / OUTPUT_MARKER).is_file():
             raise EvomergeError(f"--overwrite refused: {out} was not written by evomerge (no {OUTPUT_MARKER} in it); "
                                 "remove it yourself or pick a new output folder")
-    parent = out.parent
-    existing = parent
+    existing = out.parent
     while not existing.exists():
         existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise EvomergeError(f"cannot write {out}: {existing} is not writable; pick an output folder you can write to")
+    if not existing.is_dir():
+        raise EvomergeError(f"cannot write {out}: {existing} is a file, not a folder; pick another output path")
+    try:  # a real probe: permission bits say nothing for root, or on a read-only mount
+        Path(tempfile.mkdtemp(prefix=".evomerge-probe-", dir=existing)).rmdir()
+    except OSError as exc:
+        raise EvomergeError(f"cannot write {out}: {existing} is not writable ({exc.strerror}); "
+                            "pick an output folder you can write to") from None
     return out
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from evomerge.errors import EvomergeError, check_keys, close_match, is_count, is_number
+from evomerge.errors import EvomergeError, check_keys, close_match, is_count, is_number, yaml_problem
 from evomerge.recipe import DTYPES
 
 DIRECTIONS = ("maximize", "minimize")
@@ -206,6 +206,9 @@ def parse_campaign(data: Any, origin: str = "config") -> Campaign:
 
     if not isinstance(data, dict):
         raise EvomergeError(f"{origin}: expected a mapping at the top level")
+    if "merge_method" in data or ("method" in data and "search_space" not in data):
+        raise EvomergeError(f"{origin} is a merge recipe, not a campaign config; build it with "
+                            f"`evomerge merge {origin} OUT_DIR` (a campaign config has search_space, budget, objectives)")
     unknown = [k for k in data if k not in TOP_LEVEL]
     if unknown:
         raise _fail(unknown[0], data[unknown[0]], f"top-level fields {', '.join(TOP_LEVEL)}{close_match(unknown[0], TOP_LEVEL)}")
@@ -276,7 +279,7 @@ def load_campaign(path: str | Path) -> Campaign:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise EvomergeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise EvomergeError(f"{path}: not valid YAML ({yaml_problem(exc)})") from None
     return parse_campaign(data, str(path))
 
 

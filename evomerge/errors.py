@@ -53,3 +53,10 @@ def one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__module__ + '.' if type(exc).__module__ not in ('builtins', '__main__') else ''}" \
            f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def yaml_problem(exc: Exception) -> str:
+    """'line 3, column 5: expected ...' from a YAML error (its first line alone says little)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem

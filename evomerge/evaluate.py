@@ -76,14 +76,21 @@ def load_model(folder: str | Path, device: str = "cpu", allow_pickle: bool = Fal
 
 
 def evaluate_folder(folder: str | Path, spec: dict, device: str = "cpu", allow_pickle: bool = False) -> dict:
+    """Metrics (non-finite ones as None, listed under `non_finite`) and the identity of the measurement."""
     from evomerge.evaluators import build_evaluator
 
-    model, tokenizer = load_model(folder, device, allow_pickle)
-    evaluator = build_evaluator(spec, tokenizer, where="eval")
+    check_device(device)
+    path = resolve_model_path(folder)
+    evaluator = build_evaluator(spec, load_processor(path), where="eval")  # a bad spec costs no weight loading
+    model, _ = load_model(folder, device, allow_pickle)
     start = time.perf_counter()
     try:
         metrics = evaluator.score(model)
     except (ValueError, FileNotFoundError) as exc:
         raise EvomergeError(f"eval {spec.get('task')}: {exc}") from None
-    return {"model": str(folder), "metrics": metrics, "identity": evaluator.identity(),
-            "seconds": round(time.perf_counter() - start, 3)}
+    bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+    report = {"model": str(folder), "metrics": json_safe(metrics), "identity": evaluator.identity(),
+              "seconds": round(time.perf_counter() - start, 3)}
+    if bad:
+        report["non_finite"] = bad
+    return report

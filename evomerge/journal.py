@@ -92,6 +92,20 @@ def _dumps(values: dict | None) -> str | None:
                        for k, v in values.items()}, allow_nan=False)
 
 
+def _check_length(db: sqlite3.Connection, path: Path) -> None:
+    """A truncated SQLite file can still open and read as nearly empty; its page count says how long it must be.
+
+    Only stat() is used: opening and closing the file here would drop SQLite's POSIX locks held by
+    another connection in this process.
+    """
+    wal = path.with_name(path.name + "-wal")
+    if not path.exists() or wal.exists() and wal.stat().st_size > 0:
+        return  # pages may live in the write-ahead log
+    size = db.execute("PRAGMA page_size").fetchone()[0] * db.execute("PRAGMA page_count").fetchone()[0]
+    if path.stat().st_size < size:
+        raise sqlite3.DatabaseError(f"the file has {path.stat().st_size} bytes, its pages need {size}: truncated")
+
+
 def damaged(path: Path, exc: BaseException) -> EvomergeError:
     return EvomergeError(f"{path} is damaged or not an evomerge journal ({str(exc).splitlines()[0]}); "
                          "restore it from a backup, or start the campaign again in a new --out folder")
@@ -113,6 +127,7 @@ class Journal:
                                 "pick an --out folder you can write to") from None
         try:
             self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+            _check_length(self.db, self.path)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")  # a committed result survives power loss too
             self.db.executescript(SCHEMA)

@@ -23,8 +23,8 @@ import torch
 def masked_combine(
     ref: torch.Tensor,
     deltas: list[torch.Tensor],
-    aids: list[torch.Tensor],
-    lo: torch.Tensor,  # (S,) int64: keep element j of source i when lo[i] <= aid[j] < hi[i]
+    keys: list[torch.Tensor],
+    lo: torch.Tensor,  # (S,) int64: keep element j of source i when lo[i] <= keys[i][j] < hi[i]
     hi: torch.Tensor,
     coef: torch.Tensor,  # (S,) float: weight x rescale factor
     weights: torch.Tensor,  # (S,) float: the weights that TIES's divisor sums
@@ -36,7 +36,7 @@ def masked_combine(
 ) -> None:
     terms = []
     for i in range(len(deltas)):
-        keep = (aids[i] >= lo[i]) & (aids[i] < hi[i])
+        keep = (keys[i] >= lo[i]) & (keys[i] < hi[i])
         terms.append(torch.where(keep, deltas[i].float() * coef[i], 0.0))
     total = terms[0]
     for t in terms[1:]:

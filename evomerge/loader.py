@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, yaml_problem
 from evomerge.mergekit_compat import from_mergekit, is_mergekit_config
 from evomerge.recipe import Recipe
 
@@ -26,7 +26,7 @@ def load_recipe(path: str | Path) -> Recipe:
         text = path.read_text(encoding="utf-8")
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise EvomergeError(f"{path}: not valid YAML/JSON ({str(exc).splitlines()[0]})") from None
+        raise EvomergeError(f"{path}: not valid YAML/JSON ({yaml_problem(exc)})") from None
     if is_mergekit_config(data):
         return from_mergekit(data, origin=str(path))
     return Recipe.from_dict(data, origin=str(path))

@@ -98,6 +98,7 @@ def preflight(campaign: Campaign, build: bool = True) -> Plan:
     base = resolved.get("base")
     space = space_kind(space_block["kind"]).build(
         space_block, SpaceContext(sources, base, reference, campaign.seed, campaign.dtype))
+    _check_rules(space, reference, space_block.get("component"))
     optimizer = make_optimizer(campaign.optimizer, space.dim, len(campaign.objectives), campaign.seed,
                                space.x0, space.sigma0, campaign.budget)
     if optimizer.population > campaign.budget:
@@ -117,6 +118,19 @@ def preflight(campaign: Campaign, build: bool = True) -> Plan:
         evaluators=evaluators, tokenizer=tokenizer, memory=memory_estimate(campaign, models, reference, space_block),
         provenance=provenance(models),
     )
+
+
+def _check_rules(space, reference: ModelInfo, component: dict | None) -> None:
+    """Rules the config writes (under `fixed`) must match tensors of the model, like a recipe's."""
+    from evomerge.architecture import classify
+    from evomerge.bank import component_source_name
+    from evomerge.recipe import unmatched_selectors
+
+    tensors = [(n, classify(n, reference.model_type)) for n in reference.shapes
+               if component_source_name(n, component) is not None]
+    problem = unmatched_selectors(space.decode(space.x0), tensors)
+    if problem:
+        raise EvomergeError(f"config field 'search_space': {problem}")
 
 
 def _needs_base(space_block: dict) -> bool:

@@ -276,10 +276,10 @@ def unmatched_selectors(recipe: Recipe, tensors: Iterable[tuple[str, TensorRole]
 
 
 def _span(groups: list[str]) -> str:
+    """'embeddings, block.0-31, final_norm, lm_head' (in model order)."""
     blocks = [g for g in groups if g.startswith("block.")]
-    others = [g for g in groups if not g.startswith("block.")]
-    text = others[:1] + ([f"block.0-{len(blocks) - 1}"] if blocks else []) + others[1:]
-    return ", ".join(text)
+    order = ["embeddings"] + ([f"block.0-{len(blocks) - 1}"] if blocks else []) + ["final_norm", "lm_head", "other"]
+    return ", ".join(g for g in order if g in groups or g.startswith("block."))
 
 
 def _evaluate(setting: Any, role: TensorRole, name: str, t: float) -> Any:

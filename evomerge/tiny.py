@@ -46,6 +46,9 @@ def tiny_config(arch: str = "llama", hidden: int = 64, layers: int = 4, vocab: i
 
 
 def save_model(model, folder: Path, tokenizer=None, shard_size: str | None = None) -> Path:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # tiny models: a "Writing model shards" bar per save is noise
     folder.mkdir(parents=True, exist_ok=True)
     kwargs = {"max_shard_size": shard_size} if shard_size else {}
     model.save_pretrained(folder, safe_serialization=True, **kwargs)

@@ -108,7 +108,7 @@ def open_campaign(folder: str | Path) -> tuple[Journal, Campaign]:
     if config is None:
         journal.close()
         raise EvomergeError(f"{folder}/journal.sqlite holds no campaign config (its start failed before pre-flight "
-                            f"passed); start it with `evomerge run CONFIG --out {folder}`")
+                            f"passed, or the journal is damaged); start it with `evomerge run CONFIG --out {folder}`")
     try:
         return journal, parse_campaign(config, f"{folder}/journal.sqlite")
     except EvomergeError:

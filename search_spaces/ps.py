@@ -136,6 +136,8 @@ class ParameterSpace:
             if (spec.low is not None and rng[0] < spec.low) or (spec.high is not None and rng[1] > spec.high):
                 raise EvomergeError(f"config field '{where}.parameters.{p}': range {rng} leaves {method.name}'s "
                                     f"allowed [{spec.low}, {spec.high}]")
+        # The genome's layout follows the method's parameter order, not the order keys were written in.
+        params = {k: params[k] for k in method.source_params if k in params}
         fixed = block.get("fixed") or {}
         if not isinstance(fixed, dict):
             raise EvomergeError(f"config field '{where}.fixed': bad value {fixed!r}; allowed: a mapping of "

@@ -1,0 +1,423 @@
+"""Hostile inputs, tried as a new user would: every one ends in exactly one line on stderr, exit 2,
+naming the culprit (and the fix), with nothing lost or half-written.
+
+The cases run the real CLI entry point in-process (`evomerge.cli.main`) on real tiny model folders,
+real safetensors files and real SQLite journals; Ctrl-C runs a real subprocess.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from evomerge.checkpoint import OUTPUT_MARKER, Checkpoint
+from evomerge.cli import main
+
+
+@dataclass
+class Ctx:
+    tmp: Path
+    fam: dict
+    campaign_dir: Path
+
+    @property
+    def out(self) -> Path:
+        return self.tmp / "out"
+
+    def copy(self, member: str, name: str | None = None) -> Path:
+        return Path(shutil.copytree(self.fam[member], self.tmp / (name or f"copy-{member}")))
+
+    def recipe(self, mutate=None, data=None, name="recipe.yaml") -> Path:
+        data = data or {"method": "ties", "base": str(self.fam["base"]), "sources": [
+            {"model": str(self.fam["expert0"]), "parameters": {"weight": 0.5, "density": 0.5}},
+            {"model": str(self.fam["expert1"]), "parameters": {"weight": 0.5, "density": 0.5}}]}
+        if mutate:
+            mutate(data)
+        path = self.tmp / name
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    def config(self, mutate=None, name="campaign.yaml") -> Path:
+        data = {"name": "bad", "base": str(self.fam["base"]),
+                "sources": {"e0": str(self.fam["expert0"]), "e1": str(self.fam["expert1"])},
+                "search_space": {"kind": "ps", "method": "ties", "parameters": {"weight": [0, 1], "density": [0.1, 1]},
+                                 "granularity": "groups", "fixed": {"normalize": True}},
+                "optimizer": {"name": "cma", "population": 6}, "budget": 12,
+                "objectives": [{"name": "lp", "metrics": ["reverse_logprob"]}],
+                "fitness": [{"task": "synthetic-logprob:reverse", "split": "fitness", "n": 8}],
+                "holdout": [{"task": "synthetic-logprob:reverse", "split": "holdout", "n": 8}],
+                "executor": {"kind": "local", "device": "cpu"}}
+        if mutate:
+            mutate(data)
+        path = self.tmp / name
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+    def run(self, mutate=None) -> list[str]:
+        return ["run", str(self.config(mutate)), "--out", str(self.tmp / "campaign")]
+
+
+# -- broken model folders ----------------------------------------------------------------------------
+
+
+def truncated_source(c: Ctx) -> Path:
+    folder = c.copy("expert1", "truncated")
+    shard = sorted(folder.glob("model-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    return folder
+
+
+def garbage_source(c: Ctx) -> Path:
+    folder = c.copy("expert1", "garbage")
+    for f in folder.glob("*.safetensors*"):
+        f.unlink()
+    (folder / "model.safetensors").write_bytes(os.urandom(4096))
+    return folder
+
+
+def missing_shard_source(c: Ctx) -> Path:
+    folder = c.copy("expert1", "missing_shard")
+    sorted(folder.glob("model-*.safetensors"))[-1].unlink()
+    return folder
+
+
+def bad_config_source(c: Ctx) -> Path:
+    folder = c.copy("expert1", "bad_config")
+    (folder / "config.json").write_text("{not json")
+    return folder
+
+
+def no_tokenizer_model(c: Ctx) -> Path:
+    folder = c.copy("base", "no_tokenizer")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    return folder
+
+
+def evomerge_output(c: Ctx, name="written") -> Path:
+    folder = c.tmp / name
+    folder.mkdir()
+    (folder / OUTPUT_MARKER).write_text("{}")
+    (folder / "keep.txt").write_text("precious")
+    return folder
+
+
+def with_source(c: Ctx, folder: Path, index: int = 1):
+    return c.recipe(lambda d: d["sources"][index].update(model=str(folder)))
+
+
+def set_source(key, folder_fn):
+    def mutate_config(c):
+        return c.run(lambda d: d["sources"].update({key: str(folder_fn(c))}))
+    return mutate_config
+
+
+def damaged_journal(c: Ctx, how: str) -> Path:
+    folder = Path(shutil.copytree(c.campaign_dir, c.tmp / f"journal-{how}"))
+    db = folder / "journal.sqlite"
+    for extra in folder.glob("journal.sqlite-*"):
+        extra.unlink()
+    if how == "garbage":
+        db.write_bytes(b"this is not a database" * 100)
+    else:
+        db.write_bytes(db.read_bytes()[: len(db.read_bytes()) // 3])
+    return folder
+
+
+LM_EVAL_REMOTE_TASK = """task: evo_remote_only
+dataset_path: evomerge-test/not-cached-anywhere
+test_split: test
+output_type: generate_until
+doc_to_text: "{{question}}"
+doc_to_target: "{{answer}}"
+metric_list:
+  - metric: exact_match
+"""
+
+
+def lm_eval_remote(c: Ctx) -> list[str]:
+    tasks = c.tmp / "tasks"
+    tasks.mkdir()
+    (tasks / "remote.yaml").write_text(LM_EVAL_REMOTE_TASK)
+    return ["eval", str(c.fam["base"]), "--task", "lm_eval:evo_remote_only", "--include-path", str(tasks)]
+
+
+def mergekit(c: Ctx, ranges, slices=1) -> Path:
+    sources = [{"model": str(c.fam[m]), "layer_range": r, "parameters": {"weight": 0.5, "density": 0.5}}
+               for m, r in zip(("expert0", "expert1"), ranges)]
+    data = {"merge_method": "ties", "base_model": str(c.fam["base"]), "dtype": "float32",
+            "slices": [{"sources": sources}] * slices}
+    return c.recipe(data=data)
+
+
+# Each case: (id, argv builder, pattern the one stderr line must match).
+CASES = [
+    # -- evomerge merge: recipes ------------------------------------------------------------------------
+    ("weight-nan", lambda c: ["merge", c.recipe(lambda d: d["sources"][0]["parameters"].update(weight=float("nan"))), c.out],
+     r"sources\[0\]\.parameters\.weight: nan is not a finite number"),
+    ("density-nan", lambda c: ["merge", c.recipe(lambda d: d["sources"][1]["parameters"].update(density=float("nan"))), c.out],
+     r"sources\[1\]\.parameters\.density: nan is not a finite number"),
+    ("weight-inf-shared", lambda c: ["merge", c.recipe(lambda d: d.update(parameters={"lambda": float("inf")})), c.out],
+     r"parameters\.lambda: inf is not a finite number"),
+    ("rule-family-typo", lambda c: ["merge", c.recipe(lambda d: d["sources"][0]["parameters"].update(
+        density=[{"family": "attn", "value": 0.3}, {"value": 0.5}])), c.out],
+     r"rule family 'attn' does not exist; families: .*did you mean 'attention'\?"),
+    ("rule-group-out-of-range", lambda c: ["merge", c.recipe(lambda d: d["sources"][0]["parameters"].update(
+        weight=[{"group": "block.99", "value": 0.3}, {"value": 0.5}])), c.out],
+     r"sources\[0\]\.parameters\.weight: rule \{'group': 'block.99'\} matches no tensor of the model \(groups: "
+     r"embeddings, block.0-3, final_norm, lm_head\)"),
+    ("rule-filter-matches-nothing", lambda c: ["merge", c.recipe(lambda d: d.update(parameters={"lambda": [
+        {"filter": "q_projj", "value": 0.3}, {"value": 1.0}]})), c.out],
+     r"parameters\.lambda: rule \{'filter': 'q_projj'\} matches no tensor"),
+    ("parameters-as-list", lambda c: ["merge", c.recipe(lambda d: d["sources"][0].update(parameters=[0.5, 0.5])), c.out],
+     r"sources\[0\]\.parameters must be a mapping like \{weight: 0.5\}, got a list"),
+    ("recipe-seed-abc", lambda c: ["merge", c.recipe(lambda d: d.update(seed="abc")), c.out],
+     r"seed 'abc' is not a non-negative integer"),
+    ("recipe-seed-negative", lambda c: ["merge", c.recipe(lambda d: d.update(seed=-1)), c.out],
+     r"seed -1 is not a non-negative integer"),
+    ("density-for-task-arithmetic", lambda c: ["merge", c.recipe(lambda d: d.update(method="task_arithmetic")), c.out],
+     r"sources\[0\]\.parameters\.density does not apply to 'task_arithmetic'"),
+    ("method-typo", lambda c: ["merge", c.recipe(lambda d: d.update(method="tie")), c.out],
+     r"unknown merge method 'tie'.*did you mean 'ties'\?"),
+    ("recipe-field-typo", lambda c: ["merge", c.recipe(lambda d: d.update(sourcez=[])), c.out],
+     r"unknown field\(s\) \['sourcez'\].*did you mean 'sources'\?"),
+    ("truncated-safetensors", lambda c: ["merge", with_source(c, truncated_source(c)), c.out],
+     r"truncated/model-00001-of-\d+\.safetensors is not a readable safetensors file \(its tensors need \d+ bytes but "
+     r"the file has \d+\).*download or save it again"),
+    ("garbage-safetensors", lambda c: ["merge", with_source(c, garbage_source(c)), c.out],
+     r"garbage/model.safetensors is not a readable safetensors file"),
+    ("index-names-missing-shard", lambda c: ["merge", with_source(c, missing_shard_source(c)), c.out],
+     r"model.safetensors.index.json names shard 'model-\d+-of-\d+.safetensors', which is missing"),
+    ("config-not-json", lambda c: ["merge", with_source(c, bad_config_source(c)), c.out],
+     r"bad_config/config.json is not valid JSON"),
+    ("device-cuda-missing", lambda c: ["merge", c.recipe(), c.out, "--device", "cuda"],
+     r"device 'cuda': no CUDA GPU is available here"),
+    ("device-nonsense", lambda c: ["merge", c.recipe(), c.out, "--device", "gpu0"],
+     r"device 'gpu0' is not a device name"),
+    ("out-under-a-file", lambda c: ["merge", c.recipe(), (c.tmp / "afile").write_text("x") and c.tmp / "afile" / "out"],
+     r"cannot write .*afile/out: .*afile is a file, not a folder"),
+    ("out-read-only", lambda c: ["merge", c.recipe(), "/proc/evomerge-out"],
+     r"cannot write /proc/evomerge-out: /proc is not writable"),
+    ("out-is-a-file", lambda c: ["merge", c.recipe(), (c.tmp / "f.txt").write_text("x") and c.tmp / "f.txt"],
+     r"output .*f.txt is a file; pass a folder path"),
+    ("out-exists", lambda c: ["merge", c.recipe(), evomerge_output(c)],
+     r"output folder .*written already exists; pick a new folder or pass --overwrite"),
+    ("overwrite-foreign-folder", lambda c: ["merge", c.recipe(), (c.tmp / "mine").mkdir() or c.tmp / "mine", "--overwrite"],
+     r"--overwrite refused: .*mine was not written by evomerge"),
+    ("overwrite-holding-the-recipe", lambda c: ["merge", c.recipe(name="written/recipe.yaml") if evomerge_output(c) else None,
+                                                c.tmp / "written", "--overwrite"],
+     r"--overwrite refused: .*written holds .*recipe.yaml, an input of this merge"),
+    ("overwrite-a-source", lambda c: ["merge", c.recipe(), (c.fam["expert0"] / OUTPUT_MARKER).write_text("{}") and c.fam["expert0"],
+                                      "--overwrite"],
+     r"--overwrite refused: .*expert0 holds .*expert0, an input of this merge"),
+    ("overwrite-current-directory", lambda c: ["merge", c.recipe(), ".", "--overwrite"],
+     r"--overwrite refused: .* is \(or contains\) the current directory"),
+    ("bad-shard-size", lambda c: ["merge", c.recipe(), c.out, "--shard-size", "lots"],
+     r"shard size 'lots' is not a size"),
+    ("recipe-is-a-folder", lambda c: ["merge", c.tmp, c.out],
+     r"recipe .* is a folder; pass the recipe YAML/JSON file"),
+    ("mergekit-partial-layer-range", lambda c: ["merge", mergekit(c, [[0, 2], [0, 2]]), c.out],
+     r"slices\[0\]\.sources\[0\]: layer_range \[0, 2\] of .*expert0 is not its full range \[0, 4\]"),
+    ("mergekit-mixed-layer-ranges", lambda c: ["merge", mergekit(c, [[0, 4], [1, 4]]), c.out],
+     r"slices\[0\]\.sources\[1\]: layer_range \[1, 4\] of .*expert1 is not its full range \[0, 4\]"),
+    ("mergekit-several-slices", lambda c: ["merge", mergekit(c, [[0, 4], [0, 4]], slices=2), c.out],
+     r"several slices stack layers"),
+    # -- evomerge run: campaign configs -------------------------------------------------------------------
+    ("granularity-typo", lambda c: c.run(lambda d: d["search_space"].update(granularty="groups")),
+     r"config field 'search_space.granularty' is unknown; allowed: .*did you mean 'granularity'\?"),
+    ("optimizer-key-typo", lambda c: c.run(lambda d: d["optimizer"].update(popsize=8)),
+     r"config field 'optimizer.popsize' is unknown; allowed: name, population, sigma0"),
+    ("fixed-key-typo", lambda c: c.run(lambda d: d["search_space"]["fixed"].update(normalise=True)),
+     r"config field 'search_space.fixed.normalise' is unknown for ties; .*did you mean 'normalize'\?"),
+    ("executor-key-typo", lambda c: c.run(lambda d: d["executor"].update(devices="cpu")),
+     r"config field 'executor.devices' is unknown; allowed: kind, device, retries; did you mean 'device'\?"),
+    ("top-level-typo", lambda c: c.run(lambda d: d.update(budjet=3)),
+     r"config field 'budjet': .*did you mean 'budget'\?"),
+    ("objective-key-typo", lambda c: c.run(lambda d: d["objectives"][0].update(directon="maximize")),
+     r"config field 'objectives\[0\].directon' is unknown; .*did you mean 'direction'\?"),
+    ("config-seed-abc", lambda c: c.run(lambda d: d.update(seed="abc")),
+     r"config field 'seed': bad value 'abc'; allowed: a non-negative integer"),
+    ("config-seed-negative", lambda c: c.run(lambda d: d.update(seed=-1)),
+     r"config field 'seed': bad value -1; allowed: a non-negative integer"),
+    ("population-over-budget", lambda c: c.run(lambda d: d.update(budget=8, optimizer={"name": "cma", "population": 12})),
+     r"config field 'budget': 8 is smaller than one generation of 12 candidates"),
+    ("mgsm-split-beyond-data", lambda c: c.run(lambda d: d.update(
+        fitness=[{"task": "mgsm", "lang": "en", "split": "300-400"}], holdout=[],
+        objectives=[{"name": "acc", "metrics": ["mgsm_en"]}])),
+     r"config field 'fitness\[0\]': MGSM split '300-400' selects rows 300-400, outside the data \(rows 0-249\)"),
+    ("list-sources-same-name", lambda c: c.run(lambda d: d.update(sources=[str(c.fam["expert0"]),
+                                                                            str(c.copy("expert1", "x/expert0"))])),
+     r"config field 'sources': two sources are named 'expert0'"),
+    ("metric-weight-string", lambda c: c.run(lambda d: d["objectives"][0].update(metrics={"reverse_logprob": "half"})),
+     r"config field 'objectives\[0\].metrics.reverse_logprob': bad value 'half'"),
+    ("sigma0-string", lambda c: c.run(lambda d: d["optimizer"].update(sigma0="big")),
+     r"config field 'optimizer.sigma0': bad value 'big'"),
+    ("fixed-density-nan", lambda c: c.run(lambda d: d["search_space"]["fixed"].update(rescale=float("nan"))),
+     r"config field 'search_space.fixed.rescale': expected true or false, got nan"),
+    ("search-parameters-as-list", lambda c: c.run(lambda d: d["search_space"].update(parameters=["weight"])),
+     r"config field 'search_space.parameters': bad value \['weight'\]"),
+    ("executor-device-cuda", lambda c: c.run(lambda d: d["executor"].update(device="cuda")),
+     r"config field 'executor.device': device 'cuda': no CUDA GPU is available here"),
+    ("missing-source-folder", lambda c: c.run(lambda d: d["sources"].update(e1=str(c.tmp / "nowhere"))),
+     r"config field 'sources.e1': model path .*nowhere' does not exist"),
+    ("source-is-the-base", lambda c: c.run(lambda d: d["sources"].update(e1=str(c.fam["base"]))),
+     r"config field 'sources.e1': .*base is the base model itself"),
+    ("truncated-source-in-campaign", set_source("e1", truncated_source),
+     r"config field 'sources.e1': .*is not a readable safetensors file"),
+    ("objective-metric-not-produced", lambda c: c.run(lambda d: d["objectives"][0].update(metrics=["reverse"])),
+     r"config field 'objectives': metric\(s\) \['reverse'\] are not produced by the fitness evaluators"),
+    ("fitness-overlaps-holdout", lambda c: c.run(lambda d: d["fitness"][0].update(split="holdout")),
+     r"config field 'fitness\[0\]' scores 8 example\(s\) .* that holdout\[0\] holds out"),
+    ("racing-z-string", lambda c: c.run(lambda d: d.update(racing={"z": "two"})),
+     r"config field 'racing.z': bad value 'two'"),
+    ("out-in-read-only-folder", lambda c: ["run", str(c.config()), "--out", "/proc/evomerge-campaign"],
+     r"cannot create campaign folder /proc/evomerge-campaign"),
+    ("config-file-missing", lambda c: ["run", str(c.tmp / "nope.yaml"), "--out", str(c.tmp / "x")],
+     r"config file .*nope.yaml does not exist"),
+    ("config-not-yaml", lambda c: ["run", str((c.tmp / "b.yaml").write_text("a: [1,\n") and c.tmp / "b.yaml"),
+                                   "--out", str(c.tmp / "x")],
+     r"b.yaml: not valid YAML"),
+    # -- journals --------------------------------------------------------------------------------------
+    ("status-garbage-journal", lambda c: ["status", str(damaged_journal(c, "garbage"))],
+     r"journal.sqlite is damaged or not an evomerge journal"),
+    ("resume-truncated-journal", lambda c: ["resume", str(damaged_journal(c, "truncated"))],
+     r"journal.sqlite is damaged or not an evomerge journal"),
+    ("status-no-journal", lambda c: ["status", str(c.tmp)],
+     r"holds no campaign journal \(journal.sqlite\); start one with `evomerge run CONFIG --out"),
+    ("resume-no-journal", lambda c: ["resume", str(c.tmp / "never")],
+     r"never holds no campaign journal"),
+    # -- evomerge eval ----------------------------------------------------------------------------------
+    ("eval-no-tokenizer", lambda c: ["eval", str(no_tokenizer_model(c)), "--task", "synthetic:reverse"],
+     r"no_tokenizer has no tokenizer files \(tokenizer.json"),
+    ("eval-mgsm-split-beyond-data", lambda c: ["eval", str(c.fam["base"]), "--task", "mgsm", "--lang", "en",
+                                               "--split", "300-400"],
+     r"MGSM split '300-400' selects rows 300-400, outside the data"),
+    ("eval-device-cuda", lambda c: ["eval", str(c.fam["base"]), "--task", "synthetic:reverse", "--device", "cuda"],
+     r"device 'cuda': no CUDA GPU is available here"),
+    ("eval-lm-eval-data-not-offline", lambda c: lm_eval_remote(c),
+     r"lm-eval task 'evo_remote_only' could not load its data .*offline, its data set must be in the datasets cache"),
+    ("eval-perplexity-missing-file", lambda c: ["eval", str(c.fam["base"]), "--task", "perplexity", "--data",
+                                                str(c.tmp / "none.txt")],
+     r"perplexity data .*none.txt does not exist"),
+    ("eval-task-typo", lambda c: ["eval", str(c.fam["base"]), "--task", "mgsn"],
+     r"bad value 'mgsn'.*did you mean 'mgsm'\?"),
+    # -- flags ------------------------------------------------------------------------------------------
+    ("unknown-flag", lambda c: ["run", str(c.config()), "--out", str(c.tmp / "x"), "--budjet", "3"],
+     r"unrecognized arguments: --budjet 3 \(see `evomerge --help`\)"),
+    ("missing-required-flag", lambda c: ["run", str(c.config())],
+     r"the following arguments are required: --out"),
+]
+
+
+@pytest.fixture(scope="module")
+def finished_campaign(llama_family, tmp_path_factory):
+    from evomerge.campaign import CampaignRunner
+    from evomerge.config import parse_campaign
+
+    folder = tmp_path_factory.mktemp("finished") / "campaign"
+    c = Ctx(folder.parent, llama_family, folder)
+    CampaignRunner(parse_campaign(yaml.safe_load(c.config().read_text())), folder, progress=False).run()
+    return folder
+
+
+@pytest.fixture
+def family_copy(llama_family, tmp_path_factory):
+    """A private copy of the family (some cases mark a source folder), shared by the cases of one test."""
+    root = tmp_path_factory.mktemp("fam")
+    return {k: Path(shutil.copytree(v, root / k)) for k, v in llama_family.items()}
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case, build, pattern", CASES, ids=[c[0] for c in CASES])
+def test_hostile_input_is_one_clear_line(case, build, pattern, family_copy, finished_campaign, tmp_path, capsys,
+                                         monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    c = Ctx(tmp_path, family_copy, finished_campaign)
+    argv = [str(a) for a in build(c)]
+    if "--quiet" not in argv and argv[0] in ("merge", "run", "resume"):
+        argv.append("--quiet")
+    before = {name: snapshot(Path(p)) for name, p in family_copy.items()}
+    before_tmp = sorted(p.name for p in tmp_path.iterdir())
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith("evomerge: error: "), lines[0]
+    assert re.search(pattern, lines[0]), lines[0]
+    # Nothing lost, nothing half-written.
+    assert {name: snapshot(Path(p)) for name, p in family_copy.items() if name != "expert0" or case != "overwrite-a-source"} \
+        == {name: snap for name, snap in before.items() if name != "expert0" or case != "overwrite-a-source"}
+    assert not c.out.exists()
+    assert not any(p.name.startswith((".out.tmp", ".written.tmp")) for p in tmp_path.iterdir())
+    assert not (tmp_path / "campaign" / "journal.sqlite").exists()
+    if (tmp_path / "written").exists():
+        assert (tmp_path / "written" / "keep.txt").read_text() == "precious"
+    if (tmp_path / "mine").exists():
+        assert sorted(p.name for p in tmp_path.iterdir()) == before_tmp
+
+
+def test_the_matrix_is_wide():
+    assert len(CASES) >= 40
+
+
+def test_ctrl_c_during_a_run_says_how_to_resume(llama_family, tmp_path):
+    c = Ctx(tmp_path, llama_family, tmp_path)
+    config = c.config(lambda d: d.update(budget=400))
+    folder = tmp_path / "campaign"
+    proc = subprocess.Popen([sys.executable, "-m", "evomerge", "run", str(config), "--out", str(folder), "--quiet"],
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    db = folder / "journal.sqlite"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if db.exists() and sqlite3.connect(db, timeout=1).execute(
+                    "SELECT COUNT(*) FROM candidates WHERE status = 'done'").fetchone()[0] >= 3:
+                break
+        except sqlite3.OperationalError:
+            pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode == 2, err
+    assert len(lines) == 1, err
+    assert re.search(rf"interrupted; \d+ of 400 candidates are safe in .*journal.sqlite; continue with "
+                     rf"`evomerge resume {re.escape(str(folder))}`", lines[0]), lines[0]
+    status = subprocess.run([sys.executable, "-m", "evomerge", "status", str(folder), "--json"], capture_output=True,
+                            text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert json.loads(status.stdout)["evaluated"] >= 3
+
+
+def test_perplexity_of_a_nan_model_is_valid_json(llama_family, tmp_path, capsys):
+    folder = Path(shutil.copytree(llama_family["base"], tmp_path / "nan_model"))
+    state = {n: t for n, t in Checkpoint(folder).iter_tensors()}
+    state["model.norm.weight"] = torch.full_like(state["model.norm.weight"], float("nan"))
+    for f in folder.glob("*.safetensors*"):
+        f.unlink()
+    save_file(state, str(folder / "model.safetensors"))
+    text = tmp_path / "t.txt"
+    text.write_text("hello world, this is a test.\n\nanother paragraph here.")
+    assert main(["eval", str(folder), "--task", "perplexity", "--data", str(text), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["metrics"] == {"perplexity": None, "loglik": None}
+    assert report["non_finite"] == ["loglik", "perplexity"]
