@@ -24,6 +24,15 @@ from typing import Any, Protocol
 from evomerge.errors import EvomergeError, close_match
 
 
+def positive(value, name: str, low: int = 1, optional: bool = False, high: int | None = None) -> None:
+    """A ValueError naming the setting unless `value` is an int in [low, high] (or None when optional)."""
+    if optional and value is None:
+        return
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+    if not ok:
+        raise ValueError(f"{name} {value!r}: an integer >= {low}" + (f" and <= {high}" if high else ""))
+
+
 class Evaluator(Protocol):
     def identity(self) -> dict: ...
 
@@ -54,6 +63,10 @@ def build_evaluator(spec: dict, tokenizer, where: str = "fitness") -> Evaluator:
         raise EvomergeError(f"config field '{where}.task': bad value {task!r}; allowed: {', '.join(TASKS)}"
                             f"{close_match(kind, _KEYS)}")
     unknown = set(spec) - _KEYS[family]
+    if unknown and where == "eval":  # `evomerge eval` builds the spec from its flags: speak of flags
+        flags = sorted(f"--{k.replace('_', '-')}" for k in _KEYS[family] - {"task", "path", "jsonl"})
+        raise EvomergeError(f"flag(s) {', '.join('--' + k.replace('_', '-') for k in sorted(unknown))} do not apply "
+                            f"to {family} tasks; its flags: {', '.join(flags)}")
     if unknown:
         raise EvomergeError(f"config field '{where}': unknown key(s) {sorted(unknown)} for {family}; "
                             f"allowed: {sorted(_KEYS[family])}{close_match(sorted(unknown)[0], _KEYS[family])}")

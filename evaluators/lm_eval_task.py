@@ -33,6 +33,12 @@ class LMEvalTask:
             from lm_eval.tasks import TaskManager
         except ImportError:
             raise ValueError("lm-eval tasks need the lm-eval package: pip install 'lm-eval>=0.4.8'") from None
+        from evomerge.evaluators import positive
+
+        positive(batch_size, "batch_size")
+        positive(num_fewshot, "num_fewshot", 0, optional=True)
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0):
+            raise ValueError(f"limit {limit!r}: a positive number of examples (or a fraction of the task)")
         self.tokenizer = tokenizer
         self.task = task
         self.metrics = metrics

@@ -20,6 +20,7 @@ hiragana, katakana, kanji) must reach `language_threshold` (EvoLLM-JP required J
 from __future__ import annotations
 
 import json
+import math
 import re
 import unicodedata
 from dataclasses import asdict, dataclass, field
@@ -105,7 +106,10 @@ def load_jsonl(path: str | Path) -> list[tuple[str, float]]:
             item = json.loads(line)
             if not isinstance(item, dict) or "question" not in item or "answer" not in item:
                 raise ValueError("each line needs 'question' and 'answer'")
-            rows.append((str(item["question"]), float(str(item["answer"]).replace(",", ""))))
+            answer = float(str(item["answer"]).replace(",", ""))
+            if not math.isfinite(answer):
+                raise ValueError(f"answer {item['answer']!r} is not a finite number")
+            rows.append((str(item["question"]), answer))
         except ValueError as exc:
             raise ValueError(f"{path}:{i + 1}: {str(exc).splitlines()[0]} (expected {{\"question\": ..., \"answer\": number}})") from None
     if not rows:
@@ -205,10 +209,16 @@ class MGSM:
                  shots: int = 0, shot_rows: str | list[int] | None = None, jsonl: str | None = None,
                  language_check: bool = False, language_threshold: float = 0.5, limit: int | None = None,
                  **generation):
-        if not isinstance(shots, int) or isinstance(shots, bool) or shots < 0:
-            raise ValueError(f"MGSM shots {shots!r}: a non-negative integer")
-        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
-            raise ValueError(f"MGSM limit {limit!r}: a positive integer")
+        from evomerge.evaluators import positive
+
+        positive(shots, "MGSM shots", 0)
+        positive(limit, "MGSM limit", optional=True)
+        if isinstance(language_threshold, bool) or not isinstance(language_threshold, (int, float)) \
+                or not 0 <= language_threshold <= 1:
+            raise ValueError(f"MGSM language_threshold {language_threshold!r}: a share between 0 and 1 (default 0.5)")
+        if jsonl and (rows is not None or split not in (None, "search")):
+            raise ValueError("MGSM split/rows select rows of the shipped MGSM data; a jsonl set is scored whole "
+                             "(use limit to score fewer)")
         self.tokenizer = tokenizer
         self.lang = lang
         self.settings = GenerationSettings(**generation)
@@ -287,6 +297,9 @@ class MGSM:
 
     # Racing: accuracy is a mean of 0/1 verdicts, so problems can be scored a slice at a time.
     bounded = True
+
+    def race_metric_names(self) -> set[str]:
+        return {self.metric}
 
     def score_examples(self, model, start: int, end: int) -> dict[str, torch.Tensor]:
         verdicts = self._judge(model, self.items[start:end])

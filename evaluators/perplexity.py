@@ -33,6 +33,11 @@ class Perplexity:
 
     def __init__(self, tokenizer, path: str, field: str = "text", max_length: int = 512, batch_size: int = 8,
                  limit: int | None = None):
+        from evomerge.evaluators import positive
+
+        positive(max_length, "max_length", 2)
+        positive(batch_size, "batch_size")
+        positive(limit, "limit", optional=True)
         self.path, self.max_length, self.batch_size = str(path), max_length, batch_size
         texts = read_texts(path, field)[:limit]
         self.sequences = []

@@ -91,8 +91,8 @@ class SyntheticTask:
     """Scores a model on one synthetic task and split: {task: exact-match accuracy}."""
 
     def __init__(self, task: str, split: str, n: int, tokenizer, seed: int = 0):
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"n {n!r}: a positive number of examples")
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 100_000:
+            raise ValueError(f"n {n!r}: a number of examples from 1 to 100000")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"seed {seed!r}: an integer")
         self.task, self.split, self.n, self.seed = task, split, n, seed
@@ -112,6 +112,9 @@ class SyntheticTask:
 
     # Racing: per-example scores in [0, 1] on a slice of the examples.
     bounded = True
+
+    def race_metric_names(self) -> set[str]:
+        return {self.task}
 
     def score_examples(self, model, start: int, end: int) -> dict[str, torch.Tensor]:
         b = self.batch

@@ -45,12 +45,25 @@ def read_items(path: str | Path) -> list[dict]:
     for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
         if not line.strip():
             continue
-        item = json.loads(line)
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{i + 1}: not JSON ({exc.msg})") from None
+        if not isinstance(item, dict):
+            raise ValueError(f"{path}:{i + 1}: expected an object {{image, question, answer}}")
         missing = {"image", "question", "answer"} - set(item)
         if missing:
             raise ValueError(f"{path}:{i + 1}: missing {sorted(missing)}")
-        image = Path(item["image"])
-        item["image"] = str(image if image.is_absolute() else path.parent / image)
+        image = Path(str(item["image"]))
+        image = image if image.is_absolute() else path.parent / image
+        try:  # the header only: a missing or non-image file is one line now, not a crash mid-campaign
+            from PIL import Image
+
+            with Image.open(image):
+                pass
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path}:{i + 1}: image {image} cannot be opened ({type(exc).__name__})") from None
+        item["image"] = str(image)
         items.append(item)
     return items
 
@@ -62,6 +75,11 @@ class VQA:
                  max_new_tokens: int = 16, batch_size: int = 8, images: str | None = None):
         if not hasattr(processor, "image_processor"):
             raise ValueError("VQA needs a vision-language model folder with a processor (preprocessor_config.json)")
+        from evomerge.evaluators import positive
+
+        positive(limit, "limit", optional=True)
+        positive(max_new_tokens, "max_new_tokens")
+        positive(batch_size, "batch_size")
         self.processor = processor
         self.path, self.lang, self.split = str(path), lang, split or Path(path).name
         self.items = read_items(path)[:limit]

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from evomerge import archive
 from evomerge.config import Campaign, config_diff, load_campaign
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, one_line
 from evomerge.executors import Executor, executor_kind
 from evomerge.journal import Journal
 from evomerge.lock import CampaignLock
@@ -56,7 +56,9 @@ class CampaignRunner:
         self.campaign = campaign
         self.folder = Path(folder)
         self.progress = progress
-        self.plan = plan or preflight(campaign)
+        # Relative model paths mean what they meant where the campaign started, wherever it resumes.
+        self.root = stored_root(self.folder) or Path.cwd()
+        self.plan = plan or preflight(campaign, root=self.root)
         self.space = self.plan.space
         self.optimizer = self.plan.optimizer
         self.population = self.optimizer.population
@@ -84,17 +86,26 @@ class CampaignRunner:
     def _check_journal(self) -> None:
         """A new folder takes the config and provenance now (pre-flight passed); an old one must match."""
         stored = self.journal.get("config")
+        if stored is not None:
+            changes = config_diff(stored, self.campaign.raw)
+            if changes and self.journal.count("done", "raced", "failed") == 0:
+                # Nothing was evaluated (its start stopped on a mistake): the corrected config takes the folder.
+                print(f"evomerge: note: {self.folder} held a campaign with no finished candidate; starting it over "
+                      f"with the new config ({'; '.join(changes)})", file=sys.stderr)
+                self.journal.reset()
+                stored = None
+            elif changes:
+                raise EvomergeError(
+                    f"{self.folder} holds a campaign with a different config ({'; '.join(changes)}); "
+                    "resume it unchanged with `evomerge resume DIR`, or start the new config in a new --out folder"
+                )
         if stored is None:
-            self.journal.set("provenance", self.plan.provenance)
-            self.journal.set("config", self.campaign.raw)
-            self.journal.set("created", time.time())
+            with self.journal.transaction():  # all or nothing: a folder never holds half a start
+                self.journal.set("provenance", self.plan.provenance)
+                self.journal.set("root", str(self.root))
+                self.journal.set("created", time.time())
+                self.journal.set("config", self.campaign.raw)
             return
-        changes = config_diff(stored, self.campaign.raw)
-        if changes:
-            raise EvomergeError(
-                f"{self.folder} holds a campaign with a different config ({'; '.join(changes)}); "
-                "resume it unchanged with `evomerge resume DIR`, or start the new config in a new --out folder"
-            )
         for note in check_provenance(self.journal.get("provenance"), self.plan.provenance):
             print(f"evomerge: note: {note}", file=sys.stderr)
 
@@ -102,15 +113,22 @@ class CampaignRunner:
     def executor(self) -> Executor:
         if self._executor is None:
             kind = executor_kind(self.campaign.executor["kind"])
-            self._executor = kind.create(self.campaign.executor, self.plan.worker,
-                                         {"evaluators": self.plan.evaluators, "tokenizer": self.plan.tokenizer})
+            try:
+                self._executor = kind.create(self.campaign.executor, self.plan.worker,
+                                             {"evaluators": self.plan.evaluators, "tokenizer": self.plan.tokenizer})
+            except EvomergeError:
+                raise
+            except Exception as exc:  # out of memory loading the bank, a transformers error building the model
+                raise EvomergeError(f"could not start the {kind.kind} worker ({one_line(exc)}); fix the cause and "
+                                    f"continue with `evomerge resume {self.folder}`") from None
         return self._executor
 
     def objectives_of(self, metrics: dict) -> dict[str, float]:
         missing = self.campaign.metric_names - set(metrics)
         if missing:
             raise EvomergeError(f"config field 'objectives': metric(s) {sorted(missing)} are not produced by the "
-                                f"fitness evaluators (they produce {sorted(metrics)}); fix 'objectives' or 'fitness'")
+                                f"fitness evaluators (they produce {sorted(metrics)}); fix 'objectives' or 'fitness' "
+                                "and run again (a campaign with no finished candidate takes a corrected config)")
         return {o.name: o.value(metrics) for o in self.campaign.objectives}
 
     def losses(self, objectives: dict | None) -> list[float]:
@@ -304,6 +322,18 @@ class CampaignRunner:
             if o.name not in self._best or o.better(v, self._best[o.name]):
                 self._best[o.name] = v
         bar.set_postfix(best={k: f"{v:.4g}" for k, v in self._best.items()}, refresh=False)
+
+
+def stored_root(folder: Path) -> Path | None:
+    """The directory a campaign started in (relative model paths resolve there), if it has a journal."""
+    if not Journal.exists(folder):
+        return None
+    journal = Journal(folder, create=False)
+    try:
+        root = journal.get("root")
+    finally:
+        journal.close()
+    return Path(root) if isinstance(root, str) else None
 
 
 def run_campaign(config_path: str | Path, out: str | Path, progress: bool = True) -> Outcome:

@@ -48,6 +48,10 @@ TOKENIZER_FILES = (
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def looks_like_hub_id(ref: str) -> bool:
+    return bool(_HUB_ID.match(ref))
+
+
 def resolve_model_path(ref: str | os.PathLike) -> Path:
     """A local folder as is; otherwise a hub id fetched into (or found in) the HF cache."""
     path = Path(ref).expanduser()
@@ -239,19 +243,24 @@ class Checkpoint:
         return total
 
     def fingerprint(self) -> str:
-        """A hash of what identifies these weights without reading them: the config, the index, and
-        each weight file's name, size and safetensors header (tensor names, dtypes, shapes, offsets)."""
+        """A hash of what identifies these weights without loading them: the config, the index, each
+        weight file's name, size and safetensors header (tensor names, dtypes, shapes, offsets), and
+        samples of its bytes (64 KiB at four places: weights swapped for others of the same shapes
+        change them; a change confined to unsampled bytes would not)."""
         h = hashlib.sha256()
         for name in ("config.json", SAFETENSORS_INDEX, PICKLE_INDEX):
             if (self.path / name).is_file():
                 h.update(name.encode() + b"\0" + (self.path / name).read_bytes())
         for file in sorted(dict.fromkeys(self._where.values())):
-            stat = file.stat()
-            h.update(f"{file.name}\0{stat.st_size}\0".encode())
+            size = file.stat().st_size
+            h.update(f"{file.name}\0{size}\0".encode())
             if file in self._headers:
                 h.update(self._headers[file][1])
-            else:  # pickles have no header to hash: their modification time stands in for it
-                h.update(str(stat.st_mtime_ns).encode())
+            chunk = 1 << 16
+            with open(file, "rb") as f:
+                for at in sorted({0, size // 3, 2 * size // 3, max(0, size - chunk)}):
+                    f.seek(at)
+                    h.update(f.read(chunk))
         return h.hexdigest()[:16]
 
     def _file(self, name: str) -> Path:
@@ -283,14 +292,17 @@ class Checkpoint:
 
 def parse_size(text: str | int) -> int:
     """'2GB', '500MB', '1.5GiB' or a byte count."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise EvomergeError(f"shard size {text!r} is not a size; write it like '2GB' or '500MB'")
-    num, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
-    base = 1024 if binary else 1000
-    return int(num * base ** " KMGT".index(unit or " "))
+    if isinstance(text, int) and not isinstance(text, bool):
+        size = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(i?)B?\s*", str(text), re.IGNORECASE)
+        if not m:
+            raise EvomergeError(f"shard size {text!r} is not a size; write it like '2GB' or '500MB'")
+        num, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
+        size = int(num * (1024 if binary else 1000) ** " KMGT".index(unit or " "))
+    if size < 1:
+        raise EvomergeError(f"shard size {text!r} is not a positive size; write it like '2GB' or '500MB'")
+    return size
 
 
 OUTPUT_MARKER = ".evomerge-output"  # in every folder evomerge writes: only such folders may be overwritten

@@ -30,9 +30,10 @@ def _merge(args: argparse.Namespace) -> None:
 
 
 def _tiny(args: argparse.Namespace) -> None:
-    from evomerge.tiny import build_family
+    from evomerge.tiny import build_family_safely
 
-    paths = build_family(args.out_dir, args.experts, arch=args.arch, hidden=args.hidden, layers=args.layers, seed=args.seed)
+    paths = build_family_safely(args.out_dir, args.experts, arch=args.arch, hidden=args.hidden, layers=args.layers,
+                                seed=args.seed)
     for name, path in paths.items():
         print(f"{name}: {path}")
 

@@ -30,13 +30,15 @@ from typing import Any
 
 import yaml
 
-from evomerge.errors import EvomergeError, check_keys, close_match, is_count, is_number, yaml_problem
+from evomerge.errors import EvomergeError, check_keys, close_match, is_count, is_name, is_number, yaml_problem
 from evomerge.recipe import DTYPES
 
 DIRECTIONS = ("maximize", "minimize")
 TOP_LEVEL = ("name", "seed", "base", "sources", "search_space", "optimizer", "budget", "objectives", "fitness",
              "holdout", "holdout_max", "executor", "dtype", "racing")
 OBJECTIVE_KEYS = ("name", "metrics", "direction", "reference")
+MAX_SEED = 2**31 - 2  # pycma seeds with seed + 1 and needs it below 2^32; one bound everywhere
+MAX_BUDGET = 10_000_000
 RACING_KEYS = ("stages", "z")
 
 
@@ -78,7 +80,9 @@ class Campaign:
 
 
 def _fail(field_name: str, value: Any, allowed: str) -> EvomergeError:
-    return EvomergeError(f"config field '{field_name}': bad value {value!r}; allowed: {allowed}")
+    text = repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."  # a 400-digit number is not a message
+    return EvomergeError(f"config field '{field_name}': bad value {text}; allowed: {allowed}")
 
 
 def _need(data: dict, key: str, where: str = "") -> Any:
@@ -88,12 +92,40 @@ def _need(data: dict, key: str, where: str = "") -> Any:
 
 
 def _block(data: dict, key: str, default: dict) -> dict:
-    value = data.get(key)
-    if value is None:
+    if key not in data:
         return dict(default)
-    if not isinstance(value, dict):
-        raise _fail(key, value, "a mapping")
+    value = data[key]
+    if not isinstance(value, dict) or not value:
+        raise _fail(key, value, "a non-empty mapping" + (" (or leave the key out for the default)" if default else ""))
     return dict(value)
+
+
+def _not_json(value: Any, where: str = "") -> str | None:
+    """The path of the first value JSON cannot hold (a YAML date, a set), else None."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            found = _not_json(v, f"{where}.{k}" if where else str(k))
+            if found:
+                return found
+        return None
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            found = _not_json(v, f"{where}[{i}]")
+            if found:
+                return found
+        return None
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return None
+    return f"{where} ({type(value).__name__} {value!s:.40})"
+
+
+def as_json(data: dict, origin: str) -> dict:
+    """The config as the journal will store it: JSON (keys become strings), or one line naming what is not."""
+    bad = _not_json(data)
+    if bad:
+        raise EvomergeError(f"{origin}: config field {bad} is not a plain value; quote it (YAML read it as a date "
+                            "or another type JSON cannot store)")
+    return json.loads(json.dumps(data))
 
 
 def parse_sources(sources: Any) -> dict[str, str]:
@@ -191,7 +223,8 @@ def parse_racing(racing: Any, objectives: list[Objective]) -> dict | None:
 
 
 def parse_evaluator_specs(data: dict, key: str) -> list[dict]:
-    specs = data.get(key) or []
+    specs = data.get(key)
+    specs = [] if specs is None else specs
     if not isinstance(specs, list):
         raise _fail(key, specs, "a list of evaluators like {task: synthetic:reverse, split: fitness, n: 100}")
     for i, ev in enumerate(specs):
@@ -212,31 +245,33 @@ def parse_campaign(data: Any, origin: str = "config") -> Campaign:
     unknown = [k for k in data if k not in TOP_LEVEL]
     if unknown:
         raise _fail(unknown[0], data[unknown[0]], f"top-level fields {', '.join(TOP_LEVEL)}{close_match(unknown[0], TOP_LEVEL)}")
+    data = as_json(data, origin)  # parse what the journal will store, so a resumed run reads the same config
     raw = copy.deepcopy(data)
 
     name = data.get("name", "campaign")
     if not isinstance(name, str) or not name:
         raise _fail("name", name, "a non-empty string")
     seed = data.get("seed", 0)
-    if not is_count(seed):
-        raise _fail("seed", seed, "a non-negative integer (the optimizer and DARE's drop are seeded from it)")
+    if not is_count(seed, 0, MAX_SEED):
+        raise _fail("seed", seed, f"a non-negative integer up to {MAX_SEED} (the optimizer and DARE's drop are "
+                    "seeded from it)")
     base = data.get("base")
     if base is not None and (not isinstance(base, str) or not base):
         raise _fail("base", base, "a model folder, hub id or builtin:<family>/<member>")
     sources = parse_sources(_need(data, "sources"))
     dtype = data.get("dtype", "float32")
-    if dtype not in DTYPES:
+    if not is_name(dtype, DTYPES):
         raise _fail("dtype", dtype, ", ".join(DTYPES) + close_match(dtype, DTYPES))
 
-    space = _block(data, "search_space", {})
     if "search_space" not in data:
         raise EvomergeError("config field 'search_space' is missing")
+    space = _block(data, "search_space", {})
     space = space_kind(space.get("kind", "ps")).validate(space, "search_space")
 
     optimizer = parse_optimizer(_block(data, "optimizer", {"name": "cma"}))
     budget = _need(data, "budget")
-    if not is_count(budget, 1):
-        raise _fail("budget", budget, "a positive integer (number of candidates)")
+    if not is_count(budget, 1, MAX_BUDGET):
+        raise _fail("budget", budget, f"a positive integer up to {MAX_BUDGET:,} (number of candidates)")
     objectives = parse_objectives(_need(data, "objectives"))
     if len(objectives) > 1 and optimizer["name"] == "cma":
         raise _fail("optimizer.name", "cma", "nsga2 (or a nevergrad multi-objective optimizer) for several objectives")

@@ -164,17 +164,31 @@ def run_demo(out: str | Path, budget: int | None = None, config: str | Path | No
     from evomerge.recipe import Recipe
     from evomerge.worker import HOLDOUT, Task
 
+    from evomerge.errors import yaml_problem
+
     config_path = Path(config) if config else DEMO_CONFIG
     if not config_path.is_file():
         raise EvomergeError(f"demo config {config_path} not found; run from a source checkout (pip install -e .) or pass --config")
-    data = yaml.safe_load(config_path.read_text())
+    try:
+        data = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise EvomergeError(f"{config_path}: not valid YAML ({yaml_problem(exc)})") from None
+    if not isinstance(data, dict):
+        raise EvomergeError(f"{config_path}: expected a campaign config (a mapping) at the top level")
     if budget is not None:
         data["budget"] = budget
+    campaign = parse_campaign(data, str(config_path))
+    objective = campaign.objectives[0]
+    held = {m for spec in campaign.holdout for m in _spec_metrics(spec)}
+    if not set(objective.metrics) <= held:
+        raise EvomergeError(f"{config_path}: the demo's report scores models on the held-out evaluators, which must "
+                            f"produce the objective's metrics {sorted(objective.metrics)}; add them under holdout")
     start = time.perf_counter()
     ensure_family(progress=progress)
-    runner = CampaignRunner(parse_campaign(data, str(config_path)), out, progress=progress)
+    runner = CampaignRunner(campaign, out, progress=progress)
     outcome = runner.run()
-    objective = runner.campaign.objectives[0]
+    if not outcome.front:
+        raise EvomergeError(f"no candidate of the demo campaign finished; see `evomerge status {out}`")
     winner = max(outcome.front, key=lambda m: m.objectives[objective.name])
 
     # Baselines on the held-out split, scored exactly like the campaign's front members.
@@ -212,6 +226,12 @@ def run_demo(out: str | Path, budget: int | None = None, config: str | Path | No
     Path(out, "summary.json").write_text(json.dumps(summary, indent=2))
     print_report(runner.campaign, list(sources), outcome, rows, objective.name, wall)
     return summary
+
+
+def _spec_metrics(spec: dict) -> set[str]:
+    """Metric names a synthetic evaluator spec produces (the demo's report needs them before it runs)."""
+    kind, _, name = str(spec.get("task", "")).partition(":")
+    return {name} if kind == "synthetic" else ({f"{name}_logprob"} if kind == "synthetic-logprob" else set())
 
 
 def print_report(campaign, source_names: list[str], outcome, rows: dict, objective: str, wall: float) -> None:

@@ -39,13 +39,24 @@ def check_keys(block: dict, allowed: Iterable[str], where: str) -> None:
 
 
 def is_number(value: Any) -> bool:
-    """A finite int or float (bools are not numbers here)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float (bools are not numbers here; neither are ints too large for a float)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
-def is_count(value: Any, low: int = 0) -> bool:
-    """An int >= low (bools excluded)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+def is_count(value: Any, low: int = 0, high: int | None = None) -> bool:
+    """An int in [low, high] (bools excluded)."""
+    return (isinstance(value, int) and not isinstance(value, bool) and value >= low
+            and (high is None or value <= high))
+
+
+def is_name(value: Any, names) -> bool:
+    """`value` is a string among `names` (a list or a YAML mapping in its place is not a crash)."""
+    return isinstance(value, str) and value in names
 
 
 def one_line(exc: BaseException) -> str:

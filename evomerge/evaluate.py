@@ -34,7 +34,7 @@ def _auto_classes(folder: str | Path):
 
             return config, AutoModelForImageTextToText, AutoProcessor.from_pretrained(folder, trust_remote_code=False)
         return config, AutoModelForCausalLM, AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, ImportError) as exc:
+    except Exception as exc:  # tokenizers raises bare Exceptions for a tokenizer.json it cannot read
         raise EvomergeError(f"{folder}: transformers cannot load its config or tokenizer "
                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
                             "check the folder is a complete Hugging Face model (no remote code is run)") from None
@@ -69,7 +69,7 @@ def load_model(folder: str | Path, device: str = "cpu", allow_pickle: bool = Fal
     try:
         model = model_cls.from_pretrained(path, trust_remote_code=False, dtype=torch.float32,
                                           use_safetensors=not allow_pickle)
-    except (OSError, ValueError, RuntimeError) as exc:
+    except Exception as exc:
         raise EvomergeError(f"{path}: transformers cannot load the weights ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
     return model.to(device).eval(), processor

@@ -62,7 +62,7 @@ def register_executor(kind: str):
 
 
 def executor_kind(kind: object) -> type[Executor]:
-    if kind not in EXECUTORS:
+    if not isinstance(kind, str) or kind not in EXECUTORS:
         raise EvomergeError(f"config field 'executor.kind': bad value {kind!r}; allowed: {', '.join(EXECUTORS)}"
                             f"{close_match(kind, EXECUTORS)}")
     return EXECUTORS[kind]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,8 +81,15 @@ class CandidateRow:
     identity: list | None = None
 
 
+class _BadValue(Exception):
+    pass
+
+
 def _loads(text):
-    return json.loads(text) if text is not None else None
+    try:
+        return json.loads(text) if text is not None else None
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise _BadValue(f"a stored value is not JSON: {str(text)[:40]!r}") from exc
 
 
 def _dumps(values: dict | None) -> str | None:
@@ -117,6 +125,8 @@ class Journal:
     def __init__(self, folder: str | Path, create: bool = True):
         self.folder = Path(folder)
         self.path = self.folder / self.FILE
+        if self.folder.exists() and not self.folder.is_dir():
+            raise EvomergeError(f"{self.folder} is a file, not a campaign folder; pass the folder given to --out")
         if not create and not self.path.is_file():
             raise EvomergeError(f"{self.folder} holds no campaign journal ({self.FILE}); "
                                 f"start one with `evomerge run CONFIG --out {self.folder}`")
@@ -130,7 +140,11 @@ class Journal:
             _check_length(self.db, self.path)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")  # a committed result survives power loss too
-            self.db.executescript(SCHEMA)
+            tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if create:
+                self.db.executescript(SCHEMA)
+            elif not {"meta", "candidates", "checkpoints"} <= tables:  # reading must not invent an empty campaign
+                raise sqlite3.DatabaseError(f"tables missing: {sorted({'meta', 'candidates', 'checkpoints'} - tables)}")
             have = {r[1] for r in self.db.execute("PRAGMA table_info(candidates)")}
             for column, kind in ADDED_COLUMNS:
                 if column not in have:
@@ -156,7 +170,28 @@ class Journal:
 
     def get(self, key: str, default=None):
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return json.loads(row[0]) if row else default
+        try:
+            return _loads(row[0]) if row else default
+        except _BadValue as exc:
+            raise damaged(self.path, exc) from None
+
+    @contextmanager
+    def transaction(self):
+        """Several writes that land together or not at all."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def reset(self) -> None:
+        """Forget a campaign that has no finished candidate, so a corrected config can start in its folder."""
+        with self.transaction():
+            self.db.execute("DELETE FROM candidates")
+            self.db.execute("DELETE FROM checkpoints")
+            self.db.execute("DELETE FROM meta")
 
     def set(self, key: str, value) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, json.dumps(value)))
@@ -164,8 +199,17 @@ class Journal:
     # -- candidates ---------------------------------------------------------------------------
 
     def _row(self, r) -> CandidateRow:
-        return CandidateRow(r[0], r[1], r[2], json.loads(r[3]), json.loads(r[4]), r[5], _loads(r[6]), _loads(r[7]),
-                            _loads(r[8]), r[9], r[10], r[11], r[12], r[13], r[14], r[15], r[16], r[17], _loads(r[18]))
+        try:
+            row = CandidateRow(r[0], r[1], r[2], _loads(r[3]), _loads(r[4]), r[5], _loads(r[6]), _loads(r[7]),
+                               _loads(r[8]), r[9], r[10], r[11], r[12], r[13], r[14], r[15], r[16], r[17],
+                               _loads(r[18]))
+        except _BadValue as exc:
+            raise damaged(self.path, exc) from None
+        finished = row.status in ("done", "raced")
+        if not isinstance(row.genome, list) or not isinstance(row.recipe, dict) or \
+                (finished and not isinstance(row.objectives, dict)):
+            raise damaged(self.path, ValueError(f"candidate #{row.id} is incomplete"))
+        return row
 
     _COLUMNS = ("id, generation, slot, genome, recipe, status, metrics, objectives, holdout, error, attempts, "
                 "materialize_s, eval_s, finished, examples, error_kind, last_error, incumbent, metric_identity")

@@ -35,20 +35,27 @@ class CampaignLock:
     def __init__(self, folder: str | Path):
         self.path = Path(folder) / self.FILE
         self._fd: int | None = None
+        self._guard = threading.Lock()  # the heartbeat thread and release() never touch the file together
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.info: dict = {}
 
     def _read(self) -> dict:
+        """The holder's record, with every field of the right type (a damaged file reads as no holder)."""
         try:
-            return json.loads(self.path.read_text() or "{}")
-        except (OSError, json.JSONDecodeError):
+            info = json.loads(self.path.read_text() or "{}")
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
             return {}
+        if not isinstance(info, dict):
+            return {}
+        number = lambda v: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0.0  # noqa: E731
+        return {"pid": int(number(info.get("pid"))), "host": str(info.get("host", "?")),
+                "since": number(info.get("since")), "heartbeat": number(info.get("heartbeat"))} if info else {}
 
     def _holder(self, info: dict) -> str:
         if not info:
             return "another evomerge process"
-        return f"pid {info.get('pid')} on {info.get('host')}, running since {_when(info.get('since', 0))}"
+        return f"pid {info['pid']} on {info['host']}, running since {_when(info['since'])}"
 
     def acquire(self) -> "CampaignLock":
         try:
@@ -90,24 +97,28 @@ class CampaignLock:
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_S):
-            if self._fd is None:
-                return
-            self.info["heartbeat"] = time.time()
-            try:
-                self._write()
-            except OSError:
-                return
+            with self._guard:
+                if self._fd is None:
+                    return
+                self.info["heartbeat"] = time.time()
+                try:
+                    self._write()
+                except OSError:
+                    return
 
     def release(self) -> None:
-        if self._fd is None:
-            return
         self._stop.set()
-        try:
-            os.ftruncate(self._fd, 0)  # an empty lock file: released cleanly, nobody to take over from
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-        finally:
-            os.close(self._fd)
-            self._fd = None
+        with self._guard:
+            if self._fd is None:
+                return
+            try:
+                os.ftruncate(self._fd, 0)  # an empty lock file: released cleanly, nobody to take over from
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            finally:
+                os.close(self._fd)
+                self._fd = None
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=1)
 
     def __enter__(self) -> "CampaignLock":
         return self.acquire()

@@ -28,7 +28,9 @@ def is_mergekit_config(data: Any) -> bool:
 def _ref(model: Any, where: str) -> str:
     if isinstance(model, dict):  # mergekit's expanded ModelReference {model: {path: ...}}
         model = model.get("model", {}).get("path") if isinstance(model.get("model"), dict) else model.get("path")
-    text = str(model)
+    if not isinstance(model, str) or not model:
+        raise EvomergeError(f"{where}: model {model!r} is not a model path")
+    text = model
     if "+" in text:
         raise EvomergeError(f"{where}: {text!r} applies a LoRA (model+lora); merge the adapter into the model first")
     return text
@@ -60,14 +62,16 @@ def _check_full_range(source: Any, where: str) -> None:
         )
 
 
-def _setting(value: Any) -> Any:
+def _setting(value: Any, where: str) -> Any:
     """mergekit conditionals [{filter, value}] become evomerge rules; scalars and gradients pass through."""
     if isinstance(value, dict):
         value = [value]
     if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
         rules = []
         for v in value:
-            rule = {"value": _setting(v["value"])}
+            if "value" not in v:
+                raise EvomergeError(f"{where}: conditional {v} has no 'value'; write {{filter: ..., value: ...}}")
+            rule = {"value": _setting(v["value"], where)}
             if v.get("filter") not in (None, "*"):
                 rule["filter"] = v["filter"]
             rules.append(rule)
@@ -75,13 +79,17 @@ def _setting(value: Any) -> Any:
     return value
 
 
-def _params(params: dict | None) -> dict:
-    return {k: _setting(v) for k, v in (params or {}).items() if k not in _IGNORED}
+def _params(params: Any, where: str) -> dict:
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise EvomergeError(f"{where} must be a mapping like {{weight: 0.5}}, got {params!r}")
+    return {k: _setting(v, f"{where}.{k}") for k, v in params.items() if k not in _IGNORED}
 
 
 def from_mergekit(data: dict, origin: str = "mergekit config") -> Recipe:
     method = data.get("merge_method")
-    if method not in SHARED_METHODS:
+    if not isinstance(method, str) or method not in SHARED_METHODS:
         known = ", ".join(SHARED_METHODS)
         if method in METHODS:
             known = method
@@ -104,6 +112,12 @@ def from_mergekit(data: dict, origin: str = "mergekit config") -> Recipe:
             models.append({"model": s.get("model"), "parameters": s.get("parameters")})
     if not models:
         raise EvomergeError(f"{origin}: no 'models:' list")
+    if not isinstance(models, list):
+        raise EvomergeError(f"{origin}: 'models' must be a list of {{model: PATH, parameters: {{...}}}}")
+    models = [{"model": m} if isinstance(m, str) else m for m in models]
+    for i, m in enumerate(models):
+        if not isinstance(m, dict) or "model" not in m:
+            raise EvomergeError(f"{origin}: models[{i}] needs a 'model' path")
     for key in ("tokenizer", "chat_template"):
         if data.get(key):
             raise EvomergeError(f"{origin}: '{key}' is not supported; drop it and set tokenizer_source instead")
@@ -115,12 +129,12 @@ def from_mergekit(data: dict, origin: str = "mergekit config") -> Recipe:
         ref = _ref(m.get("model"), f"{origin}: models[{i}]")
         if base is not None and ref == base and method != "linear":
             continue  # the base's own parameters are ignored by mergekit for these methods
-        sources.append({"model": ref, "parameters": _params(m.get("parameters"))})
+        sources.append({"model": ref, "parameters": _params(m.get("parameters"), f"{origin}: models[{i}].parameters")})
     recipe = {
         "method": method,
         "base": base,
         "sources": sources,
-        "parameters": _params(data.get("parameters")),
+        "parameters": _params(data.get("parameters"), f"{origin}: parameters"),
         "dtype": data.get("dtype") or "float32",
         "out_dtype": data.get("out_dtype"),
         "tokenizer_source": None if tok in (None, "base") else _ref(tok, origin),

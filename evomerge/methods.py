@@ -454,7 +454,7 @@ for _m in (
 def get_method(name: str) -> MergeMethod:
     try:
         return METHODS[name]
-    except (KeyError, TypeError):
+    except (KeyError, TypeError):  # TypeError: a list or mapping where a name belongs
         from evomerge.errors import close_match
 
         raise EvomergeError(f"unknown merge method {name!r}; choose one of: {', '.join(METHODS)}"

@@ -14,6 +14,7 @@ import math
 import platform
 import textwrap
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from evomerge.config import Campaign
@@ -53,9 +54,25 @@ def generation_sizes(budget: int, population: int) -> list[int]:
     return [population] * full + ([rest] if rest else [])
 
 
-def preflight(campaign: Campaign, build: bool = True) -> Plan:
+def localize(ref: str, root: Path) -> str:
+    """A relative local path as an absolute one under `root`; builtins and hub ids as they are."""
+    from evomerge.checkpoint import looks_like_hub_id
+    from evomerge.models import BUILTIN
+
+    if ref.startswith(BUILTIN):
+        return ref
+    path = Path(ref).expanduser()
+    if path.is_absolute():
+        return str(path)
+    if (root / path).exists() or not looks_like_hub_id(ref):
+        return str((root / path).resolve())
+    return ref
+
+
+def preflight(campaign: Campaign, build: bool = True, root: Path | None = None) -> Plan:
     """The plan of a campaign, or one line naming what is wrong. `build=False` builds no model
-    (a built-in family not on disk yet is described from its config) and reads no tensor."""
+    (a built-in family not on disk yet is described from its config) and reads no tensor.
+    Relative model paths resolve under `root` (the directory the campaign started in)."""
     from evomerge.bank import check_compatible
     from evomerge.devices import check_device
     from evomerge.optimizers import make_optimizer
@@ -68,15 +85,25 @@ def preflight(campaign: Campaign, build: bool = True) -> Plan:
         except EvomergeError as exc:
             raise _field("executor.device", exc) from None
 
+    root = Path(root or Path.cwd())
     refs = ({"base": campaign.base} if campaign.base else {}) | {f"sources.{n}": r for n, r in campaign.sources.items()}
     models: dict[str, ModelInfo] = {}
     resolved: dict[str, str] = {}
     for name, ref in refs.items():
         try:
+            ref = localize(ref, root)
             resolved[name] = resolve_ref(ref, build=build)
             models[name] = model_info(ref)
         except EvomergeError as exc:
             raise _field(name, exc) from None
+    seen: dict[Path, str] = {}
+    for name, info in models.items():  # one model under two spellings (../fam/x and fam/x) is one source
+        if name == "base":
+            continue
+        if info.path.resolve() in seen:
+            raise EvomergeError(f"config field '{name}': {info.ref} is the same model as "
+                                f"'{seen[info.path.resolve()]}'; each source must differ")
+        seen[info.path.resolve()] = name
 
     space_block = campaign.search_space
     method_needs_base = _needs_base(space_block)
@@ -189,6 +216,12 @@ def _check_metrics(campaign: Campaign, evaluators: dict[str, list]) -> None:
         if unbounded:
             raise EvomergeError(f"config field 'racing': fitness task(s) {unbounded} give no per-example scores "
                                 "in [0, 1]; racing needs exact-match style tasks (e.g. synthetic:<task>, mgsm)")
+        raced = set().union(*(ev.race_metric_names() for ev in evaluators[FITNESS]))
+        missing = sorted(campaign.metric_names - raced)
+        if missing:
+            raise EvomergeError(f"config field 'racing': the objective uses {missing}, which racing does not "
+                                f"score example by example (it scores {sorted(raced)}); drop them from the "
+                                "objective or turn racing off")
 
 
 def memory_estimate(campaign: Campaign, models: dict[str, ModelInfo], reference: ModelInfo, space_block: dict) -> dict:

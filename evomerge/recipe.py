@@ -35,7 +35,7 @@ import torch
 import yaml
 
 from evomerge.architecture import FAMILIES, TensorRole
-from evomerge.errors import EvomergeError, close_match, is_count
+from evomerge.errors import EvomergeError, close_match, is_count, is_number
 from evomerge.methods import MergeMethod, Param, get_method
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -99,8 +99,9 @@ class Recipe:
                 raise EvomergeError(f"{origin}: sources[{i}] has unknown field(s) {sorted(extra)}; allowed: model, parameters")
             parsed.append(Source(s["model"], _mapping(s.get("parameters"), f"{origin}: sources[{i}].parameters")))
         seed = data.get("seed", 0)
-        if not is_count(seed):
-            raise EvomergeError(f"{origin}: seed {seed!r} is not a non-negative integer; write e.g. seed: 0")
+        if not is_count(seed, 0, 2**31 - 2):
+            raise EvomergeError(f"{origin}: seed {str(seed)[:40]!r} is not a non-negative integer below 2^31 - 1; "
+                                "write e.g. seed: 0")
         for key in ("base", "tokenizer_source", "dtype", "out_dtype"):
             if data.get(key) is not None and not isinstance(data[key], str):
                 raise EvomergeError(f"{origin}: {key} must be a string, got {data[key]!r}")
@@ -115,6 +116,9 @@ class Recipe:
             tokenizer_source=data.get("tokenizer_source") or None,
             component=_mapping(data.get("component"), f"{origin}: component") or None,
         )
+        if "component" in data and data["component"] is not None and not recipe.component:
+            raise EvomergeError(f"{origin}: 'component' is empty; map base-name prefixes to source-name prefixes, "
+                                "e.g. {'language_model.': ''}, or drop it")
         recipe.validate(origin)
         return recipe
 
@@ -197,8 +201,8 @@ def check_setting(setting: Any, spec: Param, where: str) -> None:
             return
         if not _is_scalar(v) or isinstance(v, bool):
             raise EvomergeError(f"{where}: expected a number, got {v!r}")
-        if not math.isfinite(v):
-            raise EvomergeError(f"{where}: {v} is not a finite number; give a value in [{spec.low}, {spec.high}]")
+        if not is_number(v):
+            raise EvomergeError(f"{where}: {str(v)[:40]} is not a finite number; give a value in [{spec.low}, {spec.high}]")
         if (spec.low is not None and v < spec.low) or (spec.high is not None and v > spec.high):
             raise EvomergeError(f"{where}: {v} is out of range; allowed [{spec.low}, {spec.high}]")
 
@@ -289,7 +293,9 @@ def _evaluate(setting: Any, role: TensorRole, name: str, t: float) -> Any:
         if setting and all(isinstance(r, dict) for r in setting):
             for r in setting:
                 if _matches(r, role, name):
-                    return _evaluate(r["value"], role, name, t)
+                    value = _evaluate(r["value"], role, name, t)
+                    if value is not None:  # nested rules that match nothing fall through to the next rule
+                        return value
             return None
         if any(isinstance(v, bool) for v in setting):
             return setting[int(t * (len(setting) - 1))]

@@ -98,6 +98,40 @@ def build_family(
     return paths
 
 
+def build_family_safely(root: str | Path, n_experts: int = 3, **kwargs) -> dict[str, Path]:
+    """`evomerge tiny`: check the arguments, never touch an existing folder, and move the members
+    into place only once all of them are written."""
+    import os
+    import shutil
+    import tempfile
+
+    from evomerge.checkpoint import check_output_folder
+    from evomerge.errors import EvomergeError
+
+    hidden, layers = kwargs.get("hidden", 64), kwargs.get("layers", 4)
+    if not 1 <= n_experts <= 64:
+        raise EvomergeError(f"--experts {n_experts}: give 1 to 64 experts")
+    if not 1 <= layers <= 256:
+        raise EvomergeError(f"--layers {layers}: give 1 to 256 layers")
+    if hidden < 8 or hidden % 8 or hidden > 8192:
+        raise EvomergeError(f"--hidden {hidden}: give a multiple of 8 between 8 and 8192 (4 heads of an even size)")
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise EvomergeError(f"{root} is a file; pass a folder for the family")
+    members = ["base", *(f"expert{i}" for i in range(n_experts))]
+    for m in members:
+        check_output_folder(root / m)  # refuses an existing member folder and an unwritable place
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny.tmp-", dir=root))
+    try:
+        build_family(tmp, n_experts, **kwargs)
+        for m in members:
+            os.rename(tmp / m, root / m)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {m: root / m for m in members}
+
+
 def build_tiny_llava(root: str | Path, seed: int = 0, with_llm: bool = True) -> dict[str, Path]:
     """A randomly initialised tiny LLaVA (CLIP vision tower + Llama LM) with a working processor, and
     optionally a standalone tiny Llama of the same text shape (a "language expert" to merge into it)."""

@@ -75,7 +75,7 @@ def register_space(kind: str) -> Callable[[type], type]:
 
 
 def space_kind(kind: object) -> SpaceKind:
-    if kind not in SPACES:
+    if not isinstance(kind, str) or kind not in SPACES:
         raise EvomergeError(f"config field 'search_space.kind': bad value {kind!r}; allowed: {', '.join(SPACES)}"
                             f"{close_match(kind, SPACES)}")
     return SPACES[kind]

@@ -54,7 +54,9 @@ def layer_cells(names: list[str], model_type: str, granularity: str, families: b
         if component_source_name(name, component) is None:
             continue  # not merged (a component merge): a coordinate here would change nothing
         role = classify(name, model_type)
-        fam = role.family if families and role.block is not None and role.family in BLOCK_FAMILIES else None
+        # With families, every block tensor gets a family cell ("other" for the unclassified), so no
+        # group-wide cell can shadow the family cells of its block.
+        fam = (role.family if role.family in BLOCK_FAMILIES else "other") if families and role.block is not None else None
         cell = Cell(role.group, fam)
         if cell not in cells:
             cells.append(cell)
@@ -63,7 +65,7 @@ def layer_cells(names: list[str], model_type: str, granularity: str, families: b
         g = c.group or ""
         rank = {"embeddings": -2, "final_norm": 10**6, "lm_head": 10**6 + 1, "other": 10**6 + 2}
         block = int(g.split(".")[1]) if g.startswith("block.") else rank.get(g, -1)
-        return (block, BLOCK_FAMILIES.index(c.family) if c.family in BLOCK_FAMILIES else -1)
+        return (block, (*BLOCK_FAMILIES, "other").index(c.family) if c.family else -1)
 
     return sorted(cells, key=order)
 
@@ -104,12 +106,12 @@ class ParameterSpace:
         """The block with defaults filled in, or one line naming the bad field."""
         check_keys(block, KEYS, where)
         name = block.get("method", "task_arithmetic")
-        if name not in METHODS:
+        if not isinstance(name, str) or name not in METHODS:
             raise EvomergeError(f"config field '{where}.method': bad value {name!r}; allowed: {', '.join(METHODS)}"
                                 f"{close_match(name, METHODS)}")
         method = get_method(name)
         gran = block.get("granularity", "global")
-        if gran not in GRANULARITIES:
+        if not isinstance(gran, str) or gran not in GRANULARITIES:
             raise EvomergeError(f"config field '{where}.granularity': bad value {gran!r}; allowed: "
                                 f"{', '.join(GRANULARITIES)}{close_match(gran, GRANULARITIES)}")
         families = block.get("families", False)
@@ -138,7 +140,8 @@ class ParameterSpace:
                                     f"allowed [{spec.low}, {spec.high}]")
         # The genome's layout follows the method's parameter order, not the order keys were written in.
         params = {k: params[k] for k in method.source_params if k in params}
-        fixed = block.get("fixed") or {}
+        fixed = block.get("fixed", {})
+        fixed = {} if fixed is None else fixed
         if not isinstance(fixed, dict):
             raise EvomergeError(f"config field '{where}.fixed': bad value {fixed!r}; allowed: a mapping of "
                                 "parameters held constant, e.g. {normalize: false}")

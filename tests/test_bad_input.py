@@ -154,6 +154,29 @@ def lm_eval_remote(c: Ctx) -> list[str]:
     return ["eval", str(c.fam["base"]), "--task", "lm_eval:evo_remote_only", "--include-path", str(tasks)]
 
 
+def bad_tokenizer_model(c: Ctx) -> Path:
+    folder = c.copy("base", "bad_tokenizer")
+    data = json.loads((folder / "tokenizer.json").read_text())
+    data["model"]["type"] = "NoSuchModel"  # valid JSON, not a tokenizer (a tokenizers version mismatch looks alike)
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    return folder
+
+
+def damaged_value(c: Ctx, sql: str) -> Path:
+    folder = Path(shutil.copytree(c.campaign_dir, c.tmp / "journal-values"))
+    con = sqlite3.connect(folder / "journal.sqlite")
+    con.execute(sql)
+    con.commit()
+    con.close()
+    return folder
+
+
+def jsonl(c: Ctx, lines: list[str], name="set.jsonl") -> Path:
+    path = c.tmp / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def mergekit(c: Ctx, ranges, slices=1) -> Path:
     sources = [{"model": str(c.fam[m]), "layer_range": r, "parameters": {"weight": 0.5, "density": 0.5}}
                for m, r in zip(("expert0", "expert1"), ranges)]
@@ -186,7 +209,7 @@ CASES = [
     ("recipe-seed-abc", lambda c: ["merge", c.recipe(lambda d: d.update(seed="abc")), c.out],
      r"seed 'abc' is not a non-negative integer"),
     ("recipe-seed-negative", lambda c: ["merge", c.recipe(lambda d: d.update(seed=-1)), c.out],
-     r"seed -1 is not a non-negative integer"),
+     r"seed '-1' is not a non-negative integer"),
     ("density-for-task-arithmetic", lambda c: ["merge", c.recipe(lambda d: d.update(method="task_arithmetic")), c.out],
      r"sources\[0\]\.parameters\.density does not apply to 'task_arithmetic'"),
     ("method-typo", lambda c: ["merge", c.recipe(lambda d: d.update(method="tie")), c.out],
@@ -248,9 +271,9 @@ CASES = [
     ("objective-key-typo", lambda c: c.run(lambda d: d["objectives"][0].update(directon="maximize")),
      r"config field 'objectives\[0\].directon' is unknown; .*did you mean 'direction'\?"),
     ("config-seed-abc", lambda c: c.run(lambda d: d.update(seed="abc")),
-     r"config field 'seed': bad value 'abc'; allowed: a non-negative integer"),
+     r"config field 'seed': bad value 'abc'; allowed: a non-negative integer up to 2147483646"),
     ("config-seed-negative", lambda c: c.run(lambda d: d.update(seed=-1)),
-     r"config field 'seed': bad value -1; allowed: a non-negative integer"),
+     r"config field 'seed': bad value -1; allowed: a non-negative integer up to 2147483646"),
     ("population-over-budget", lambda c: c.run(lambda d: d.update(budget=8, optimizer={"name": "cma", "population": 12})),
      r"config field 'budget': 8 is smaller than one generation of 12 candidates"),
     ("mgsm-split-beyond-data", lambda c: c.run(lambda d: d.update(
@@ -313,6 +336,107 @@ CASES = [
      r"perplexity data .*none.txt does not exist"),
     ("eval-task-typo", lambda c: ["eval", str(c.fam["base"]), "--task", "mgsn"],
      r"bad value 'mgsn'.*did you mean 'mgsm'\?"),
+    # -- found by review: odd types, huge numbers, evaluator settings, journals with damaged values ----------
+    ("search-space-kind-list", lambda c: c.run(lambda d: d["search_space"].update(kind=["ps"])),
+     r"config field 'search_space.kind': bad value \['ps'\]; allowed: ps"),
+    ("executor-kind-list", lambda c: c.run(lambda d: d["executor"].update(kind=["local"])),
+     r"config field 'executor.kind': bad value \['local'\]; allowed: local"),
+    ("method-list", lambda c: c.run(lambda d: d["search_space"].update(method=["ties"])),
+     r"config field 'search_space.method': bad value \['ties'\]"),
+    ("sigma0-400-digits", lambda c: c.run(lambda d: d["optimizer"].update(sigma0=10**400)),
+     r"config field 'optimizer.sigma0': bad value 10{50,}\.\.\.; allowed: a number in"),
+    ("budget-absurd", lambda c: c.run(lambda d: d.update(budget=10**12)),
+     r"config field 'budget': bad value 1000000000000; allowed: a positive integer up to 10,000,000"),
+    ("seed-beyond-cma", lambda c: c.run(lambda d: d.update(seed=2**32 - 1)),
+     r"config field 'seed': bad value 4294967295"),
+    ("search-space-null", lambda c: c.run(lambda d: d.update(search_space=None)),
+     r"config field 'search_space': bad value None; allowed: a non-empty mapping"),
+    ("holdout-zero", lambda c: c.run(lambda d: d.update(holdout=0)),
+     r"config field 'holdout': bad value 0; allowed: a list of evaluators"),
+    ("fixed-false", lambda c: c.run(lambda d: d["search_space"].update(fixed=False)),
+     r"config field 'search_space.fixed': bad value False"),
+    ("yaml-date-value", lambda c: ["run", str((c.tmp / "d.yaml").write_text(
+        c.config().read_text().replace("name: lp", "name: 2024-05-01")) and c.tmp / "d.yaml"), "--out", str(c.tmp / "campaign")],
+     r"config field objectives\[0\]\.name \(date 2024-05-01\) is not a plain value; quote it"),
+    ("same-source-two-spellings", lambda c: c.run(lambda d: d["sources"].update(
+        e1=str(c.fam["expert0"].parent / ".." / c.fam["expert0"].parent.name / "expert0"))),
+     r"config field 'sources.e1': .* is the same model as 'sources.e0'"),
+    ("racing-objective-not-raced", lambda c: c.run(lambda d: d.update(
+        racing=True, fitness=[{"task": "mgsm", "lang": "en", "split": "0-9", "max_new_tokens": 4}], holdout=[],
+        objectives=[{"name": "acc", "metrics": ["mgsm_en", "mgsm_en_in_language"]}])),
+     r"config field 'racing': the objective uses \['mgsm_en_in_language'\], which racing does not score"),
+    ("language-threshold-string", lambda c: c.run(lambda d: d.update(
+        fitness=[{"task": "mgsm", "lang": "en", "split": "0-9", "language_threshold": "high"}], holdout=[],
+        objectives=[{"name": "acc", "metrics": ["mgsm_en"]}])),
+     r"config field 'fitness\[0\]': MGSM language_threshold 'high': a share between 0 and 1"),
+    ("language-threshold-5", lambda c: c.run(lambda d: d.update(
+        fitness=[{"task": "mgsm", "lang": "en", "split": "0-9", "language_threshold": 5}], holdout=[],
+        objectives=[{"name": "acc", "metrics": ["mgsm_en"]}])),
+     r"MGSM language_threshold 5: a share between 0 and 1"),
+    ("perplexity-batch-zero-in-campaign", lambda c: c.run(lambda d: d.update(
+        fitness=[{"task": "perplexity", "path": str(jsonl(c, ['{"text": "abc def"}'])), "batch_size": 0}], holdout=[],
+        objectives=[{"name": "ll", "metrics": ["loglik"]}])),
+     r"config field 'fitness\[0\]': batch_size 0: an integer >= 1"),
+    ("recipe-component-empty", lambda c: ["merge", c.recipe(lambda d: d.update(component={})), c.out],
+     r"'component' is empty"),
+    ("mergekit-models-mapping", lambda c: ["merge", c.recipe(data={"merge_method": "ties", "base_model": str(c.fam["base"]),
+                                                                   "models": {"a": str(c.fam["expert0"])}}), c.out],
+     r"'models' must be a list"),
+    ("mergekit-rule-without-value", lambda c: ["merge", c.recipe(data={
+        "merge_method": "ties", "base_model": str(c.fam["base"]),
+        "models": [{"model": str(c.fam["expert0"]), "parameters": {"weight": [{"filter": "self_attn"}], "density": 0.5}}]}), c.out],
+     r"models\[0\]\.parameters\.weight: conditional \{'filter': 'self_attn'\} has no 'value'"),
+    ("mergekit-parameters-list", lambda c: ["merge", c.recipe(data={
+        "merge_method": "ties", "base_model": str(c.fam["base"]), "parameters": [0.5],
+        "models": [{"model": str(c.fam["expert0"]), "parameters": {"weight": 0.5}}]}), c.out],
+     r": parameters must be a mapping like \{weight: 0.5\}, got \[0.5\]"),
+    ("shard-size-two-dots", lambda c: ["merge", c.recipe(), c.out, "--shard-size", "1.2.3GB"],
+     r"shard size '1.2.3GB' is not a size"),
+    ("shard-size-zero", lambda c: ["merge", c.recipe(), c.out, "--shard-size", "0"],
+     r"shard size '0' is not a positive size"),
+    ("eval-bad-tokenizer", lambda c: ["eval", str(bad_tokenizer_model(c)), "--task", "synthetic:reverse"],
+     r"bad_tokenizer: transformers cannot load its config or tokenizer"),
+    ("eval-flag-for-another-task", lambda c: ["eval", str(c.fam["base"]), "--task", "synthetic:reverse", "--limit", "3"],
+     r"flag\(s\) --limit do not apply to synthetic tasks; its flags: --n, --seed, --split"),
+    ("eval-perplexity-batch-zero", lambda c: ["eval", str(c.fam["base"]), "--task", "perplexity", "--data",
+                                              str(jsonl(c, ['{"text": "abc def ghi"}'])), "--batch-size", "0"],
+     r"batch_size 0: an integer >= 1"),
+    ("eval-perplexity-limit-negative", lambda c: ["eval", str(c.fam["base"]), "--task", "perplexity", "--data",
+                                                  str(jsonl(c, ['{"text": "abc def ghi"}'])), "--limit", "-1"],
+     r"limit -1: an integer >= 1"),
+    ("eval-mgsm-jsonl-with-split", lambda c: ["eval", str(c.fam["base"]), "--task", "mgsm", "--lang", "en", "--data",
+                                              str(jsonl(c, ['{"question": "1+1?", "answer": 2}'])), "--split", "5-9"],
+     r"a jsonl set is scored whole"),
+    ("eval-mgsm-jsonl-nan-answer", lambda c: ["eval", str(c.fam["base"]), "--task", "mgsm", "--lang", "en", "--data",
+                                              str(jsonl(c, ['{"question": "1+1?", "answer": "nan"}']))],
+     r"set.jsonl:1: answer 'nan' is not a finite number"),
+    ("tiny-hidden-3", lambda c: ["tiny", str(c.tmp / "fam3"), "--hidden", "3"],
+     r"--hidden 3: give a multiple of 8"),
+    ("tiny-negative-experts", lambda c: ["tiny", str(c.tmp / "famx"), "--experts", "-2"],
+     r"--experts -2: give 1 to 64 experts"),
+    ("tiny-into-a-file", lambda c: ["tiny", str((c.tmp / "ff").write_text("x") and c.tmp / "ff")],
+     r"ff is a file; pass a folder for the family"),
+    ("tiny-over-an-existing-family", lambda c: ["tiny", str(c.fam["base"].parent), "--experts", "2"],
+     r"output folder .*base already exists"),
+    ("demo-config-not-yaml", lambda c: ["demo", "--out", str(c.tmp / "demo"), "--config",
+                                        str((c.tmp / "x.yaml").write_text("a: [") and c.tmp / "x.yaml")],
+     r"x.yaml: not valid YAML \(line"),
+    ("demo-config-a-list", lambda c: ["demo", "--out", str(c.tmp / "demo"), "--config",
+                                      str((c.tmp / "l.yaml").write_text("- 1\n- 2\n") and c.tmp / "l.yaml")],
+     r"l.yaml: expected a campaign config \(a mapping\) at the top level"),
+    ("demo-config-without-holdout", lambda c: ["demo", "--out", str(c.tmp / "demo"), "--config",
+                                               str(c.config(lambda d: d.pop("holdout")))],
+     r"the demo's report scores models on the held-out evaluators, which must produce the objective's metrics"),
+    ("status-on-a-file", lambda c: ["status", str((c.tmp / "notes.txt").write_text("x") and c.tmp / "notes.txt")],
+     r"notes.txt is a file, not a campaign folder"),
+    ("journal-config-not-json", lambda c: ["status", str(damaged_value(c, "UPDATE meta SET value = '{bad' WHERE key = 'config'"))],
+     r"journal.sqlite is damaged or not an evomerge journal \(a stored value is not JSON"),
+    ("journal-genome-not-json", lambda c: ["front", str(damaged_value(c, "UPDATE candidates SET genome = '[1,' WHERE id = 2"))],
+     r"journal.sqlite is damaged or not an evomerge journal"),
+    ("journal-objectives-missing", lambda c: ["status", str(damaged_value(c, "UPDATE candidates SET objectives = NULL WHERE id = 2"))],
+     r"journal.sqlite is damaged .*candidate #2 is incomplete"),
+    ("journal-without-candidates-table", lambda c: ["status", str(damaged_value(c, "DROP TABLE candidates"))],
+     r"journal.sqlite is damaged .*tables missing: \['candidates'\]"),
     # -- flags ------------------------------------------------------------------------------------------
     ("unknown-flag", lambda c: ["run", str(c.config()), "--out", str(c.tmp / "x"), "--budjet", "3"],
      r"unrecognized arguments: --budjet 3 \(see `evomerge --help`\)"),

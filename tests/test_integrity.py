@@ -492,3 +492,92 @@ def test_cli_imports_no_torch_and_packages_install_under_evomerge(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["None", "None"]  # no generic top-level names in site-packages
+
+
+# -- review follow-ups ------------------------------------------------------------------------------
+
+
+def test_a_start_with_no_finished_candidate_takes_a_corrected_config(llama_family, tmp_path, capfd):
+    CampaignRunner(parse_campaign(cfg(llama_family, budget=7)), tmp_path / "s", progress=False).lock.release()
+    assert Journal(tmp_path / "s").get("config")["budget"] == 7  # stored, but nothing evaluated
+    run(cfg(llama_family, budget=8), tmp_path / "s")
+    assert "held a campaign with no finished candidate; starting it over with the new config (budget: 7 -> 8)" \
+        in capfd.readouterr().err
+    assert campaign_status(tmp_path / "s")["evaluated"] == 8
+    with pytest.raises(EvomergeError, match="holds a campaign with a different config"):
+        run(cfg(llama_family, budget=9), tmp_path / "s")  # once something finished, the config is fixed
+
+
+def test_relative_model_paths_resolve_where_the_campaign_started(llama_family, tmp_path, monkeypatch):
+    fam = {k: shutil.copytree(v, tmp_path / "start" / "fam" / k) for k, v in llama_family.items()}
+    data = cfg(fam, budget=7)
+    data["base"] = "fam/base"
+    data["sources"] = {f"e{i}": f"fam/expert{i}" for i in range(3)}
+    monkeypatch.chdir(tmp_path / "start")
+    run(data, tmp_path / "rel")
+    recipe = Journal(tmp_path / "rel").candidates()[0].recipe
+    assert recipe["base"] == str(fam["base"].resolve())  # recipes name absolute paths
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "fam").mkdir(parents=True)  # a different (empty) fam/ here must not be picked up
+    res = cli("resume", tmp_path / "rel", "--quiet", cwd=elsewhere)
+    assert res.returncode == 0, res.stderr
+
+
+def test_weights_swapped_for_others_of_the_same_shapes_are_caught(llama_family, tmp_path):
+    fam = {k: shutil.copytree(v, tmp_path / "fam" / k) for k, v in llama_family.items()}
+    run(cfg(fam, budget=7), tmp_path / "sw")
+    for shard in fam["expert2"].glob("model-*.safetensors"):  # same names, sizes and headers, other bytes
+        shutil.copy(shard, fam["expert1"] / shard.name)
+    res = cli("resume", tmp_path / "sw")
+    assert res.returncode == 2 and "'sources.e1'" in res.stderr and "changed on disk" in res.stderr
+
+
+@pytest.mark.parametrize("content", ["[1]", "5", '{"heartbeat": "x", "host": "other"}', '{"since": "yesterday"}', "\x00\x01"])
+def test_a_damaged_lock_file_is_taken_over_not_a_crash(content, tmp_path):
+    from evomerge.lock import CampaignLock
+
+    (tmp_path / "campaign.lock").write_text(content)
+    lock = CampaignLock(tmp_path).acquire()
+    lock.release()
+
+
+def test_family_cells_are_never_shadowed_by_a_group_cell():
+    from evomerge.recipe import Recipe
+    from evomerge.architecture import classify
+    from evomerge.search_spaces.ps import ParameterSpace, layer_cells
+
+    names = ["backbone.blocks.0.attn.q.weight", "backbone.blocks.0.ffn.w1.weight", "backbone.blocks.0.gate.weight"]
+    cells = layer_cells(names, "some_new_arch", "groups", True)
+    assert [c.label for c in cells] == ["block.0/attention", "block.0/mlp", "block.0/other"]
+    space = ParameterSpace("task_arithmetic", {"a": "A"}, "B", {"weight": [0.0, 1.0]}, cells)
+    recipe = Recipe.from_dict(space.decode([0.1, 0.5, 0.9]).to_dict())
+    got = [recipe.resolve(classify(n, "some_new_arch"), n, 1)[1][0]["weight"] for n in names]
+    assert got == pytest.approx([0.1, 0.5, 0.9])  # every coordinate reaches its tensors
+
+
+def test_nested_rules_that_match_nothing_fall_through_to_the_next_rule():
+    from evomerge.architecture import TensorRole
+    from evomerge.recipe import Recipe
+
+    recipe = Recipe.from_dict({"method": "task_arithmetic", "base": "B", "sources": [{"model": "A", "parameters": {
+        "weight": [{"family": "mlp", "value": [{"group": "block.9", "value": 0.9}]}, {"value": 0.25}]}}]})
+    _, per_source = recipe.resolve(TensorRole("block.0", "mlp", 0), "layers.0.mlp.up.weight", 4)
+    assert per_source[0]["weight"] == 0.25
+
+
+def test_mergekit_models_as_plain_paths_are_read(llama_family, tmp_path):
+    from evomerge.mergekit_compat import from_mergekit
+
+    recipe = from_mergekit({"merge_method": "linear", "models": [str(llama_family["expert0"]), str(llama_family["expert1"])],
+                            "parameters": {"weight": 0.5}})
+    assert [s.model for s in recipe.sources] == [str(llama_family["expert0"]), str(llama_family["expert1"])]
+
+
+def test_vqa_items_with_an_unreadable_image_are_refused_when_built(tmp_path):
+    from evomerge.evaluators.vqa import read_items
+
+    (tmp_path / "not_an_image.png").write_text("hello")
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"image": "not_an_image.png", "question": "what?", "answer": "x"}) + "\n")
+    with pytest.raises(ValueError, match=r"q.jsonl:1: image .*not_an_image.png cannot be opened"):
+        read_items(path)
