@@ -21,15 +21,14 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from evomerge.errors import EvomergeError, close_match
+from evomerge.errors import EvomergeError, close_match, is_count
 
 
 def positive(value, name: str, low: int = 1, optional: bool = False, high: int | None = None) -> None:
     """A ValueError naming the setting unless `value` is an int in [low, high] (or None when optional)."""
     if optional and value is None:
         return
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
-    if not ok:
+    if not is_count(value, low, high):
         raise ValueError(f"{name} {value!r}: an integer >= {low}" + (f" and <= {high}" if high else ""))
 
 

@@ -148,10 +148,10 @@ class GenerationSettings:
     do_sample: bool = False
 
     def __post_init__(self):
-        for key in ("max_new_tokens", "batch_size"):
-            v = getattr(self, key)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{key} {v!r}: a positive integer")
+        from evomerge.evaluators import positive
+
+        positive(self.max_new_tokens, "max_new_tokens")
+        positive(self.batch_size, "batch_size")
         if not (isinstance(self.stop, list) and all(isinstance(x, str) for x in self.stop)):
             raise ValueError(f"stop {self.stop!r}: a list of strings")
 

@@ -57,6 +57,11 @@ def component_source_name(name: str, component: dict[str, str] | None) -> str | 
     return None
 
 
+def merged_roles(names: Iterable[str], model_type: str, component: dict[str, str] | None) -> list[tuple[str, TensorRole]]:
+    """(name, role) of the tensors a merge touches: all of them, or those a component map selects."""
+    return [(n, classify(n, model_type)) for n in names if component_source_name(n, component) is not None]
+
+
 def _normalized(name: str) -> str:
     """A checkpoint/module name with wrapper segments removed, so on-disk and in-memory names meet.
 

@@ -232,16 +232,6 @@ class Checkpoint:
             self._shapes = {k: shapes[k] for k in self._where if k in shapes}
         return self._shapes
 
-    def numel(self) -> int:
-        """Elements over every tensor (from the headers)."""
-        total = 0
-        for shape in self.shapes().values():
-            n = 1
-            for d in shape:
-                n *= int(d)
-            total += n
-        return total
-
     def fingerprint(self) -> str:
         """A hash of what identifies these weights without loading them: the config, the index, each
         weight file's name, size and safetensors header (tensor names, dtypes, shapes, offsets), and

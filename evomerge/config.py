@@ -28,9 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from evomerge.errors import EvomergeError, check_keys, close_match, is_count, is_name, is_number, yaml_problem
+from evomerge.errors import EvomergeError, check_keys, close_match, is_count, is_name, is_number, read_document
 from evomerge.recipe import DTYPES
 
 DIRECTIONS = ("maximize", "minimize")
@@ -307,15 +305,7 @@ def parse_campaign(data: Any, origin: str = "config") -> Campaign:
 
 
 def load_campaign(path: str | Path) -> Campaign:
-    path = Path(path)
-    if not path.is_file():
-        raise EvomergeError(f"config file {path} does not exist" if not path.exists()
-                            else f"config {path} is a folder; pass the campaign YAML file")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise EvomergeError(f"{path}: not valid YAML ({yaml_problem(exc)})") from None
-    return parse_campaign(data, str(path))
+    return parse_campaign(read_document(path, "config", "campaign YAML file"), str(path))
 
 
 def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:

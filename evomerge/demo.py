@@ -157,22 +157,17 @@ def train_family(root: Path, progress: bool = True) -> dict[str, Path]:
 
 
 def run_demo(out: str | Path, budget: int | None = None, config: str | Path | None = None, progress: bool = True) -> dict:
-    import yaml
-
     from evomerge.campaign import CampaignRunner
     from evomerge.config import parse_campaign
     from evomerge.recipe import Recipe
     from evomerge.worker import HOLDOUT, Task
 
-    from evomerge.errors import yaml_problem
+    from evomerge.errors import read_document
 
     config_path = Path(config) if config else DEMO_CONFIG
-    if not config_path.is_file():
+    if not config_path.exists():
         raise EvomergeError(f"demo config {config_path} not found; run from a source checkout (pip install -e .) or pass --config")
-    try:
-        data = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise EvomergeError(f"{config_path}: not valid YAML ({yaml_problem(exc)})") from None
+    data = read_document(config_path, "demo config", "campaign YAML file")
     if not isinstance(data, dict):
         raise EvomergeError(f"{config_path}: expected a campaign config (a mapping) at the top level")
     if budget is not None:

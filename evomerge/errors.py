@@ -66,8 +66,28 @@ def one_line(exc: BaseException) -> str:
            f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
+def read_document(path, what: str, hint: str, formats: str = "YAML"):
+    """The YAML (or, for *.json, JSON) a user file holds, or one line: missing, a folder, unparseable."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise EvomergeError(f"{what} file {path} does not exist" if not path.exists()
+                            else f"{what} {path} is a folder; pass the {hint}")
+    try:
+        text = path.read_text(encoding="utf-8")
+        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EvomergeError(f"{path}: not valid {formats} ({yaml_problem(exc)})") from None
+
+
 def yaml_problem(exc: Exception) -> str:
     """'line 3, column 5: expected ...' from a YAML error (its first line alone says little)."""
     mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    problem = getattr(exc, "problem", None) or getattr(exc, "msg", None) or str(exc).splitlines()[0]
+    if mark is None and hasattr(exc, "lineno"):  # json.JSONDecodeError
+        return f"line {exc.lineno}, column {exc.colno}: {problem}"
     return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem

@@ -18,8 +18,9 @@ def is_vision_language(config) -> bool:
     return getattr(config, "vision_config", None) is not None
 
 
-def _auto_classes(folder: str | Path):
-    """(config, model class, processor) for a folder: vision-language models get their processor."""
+def _auto_classes(folder: str | Path, processor=None):
+    """(config, model class, processor) for a folder: vision-language models get their processor.
+    A `processor` already loaded is passed through rather than loaded again."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
 
     folder = Path(folder)
@@ -32,8 +33,9 @@ def _auto_classes(folder: str | Path):
         if is_vision_language(config):
             from transformers import AutoModelForImageTextToText
 
-            return config, AutoModelForImageTextToText, AutoProcessor.from_pretrained(folder, trust_remote_code=False)
-        return config, AutoModelForCausalLM, AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+            return config, AutoModelForImageTextToText, processor or AutoProcessor.from_pretrained(
+                folder, trust_remote_code=False)
+        return config, AutoModelForCausalLM, processor or AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except Exception as exc:  # tokenizers raises bare Exceptions for a tokenizer.json it cannot read
         raise EvomergeError(f"{folder}: transformers cannot load its config or tokenizer "
                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
@@ -50,22 +52,22 @@ def json_safe(values: dict) -> dict:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
 
 
-def new_model_and_processor(folder: str | Path, dtype=None):
+def new_model_and_processor(folder: str | Path, dtype=None, processor=None):
     """An uninitialised model with the folder's config (to materialize into) and its tokenizer/processor."""
     import torch
 
-    config, model_cls, processor = _auto_classes(folder)
+    config, model_cls, processor = _auto_classes(folder, processor)
     return model_cls.from_config(config, dtype=dtype or torch.float32), processor
 
 
-def load_model(folder: str | Path, device: str = "cpu", allow_pickle: bool = False):
+def load_model(folder: str | Path, device: str = "cpu", allow_pickle: bool = False, processor=None):
     """(model, tokenizer or processor) from a local folder; never runs remote code."""
     import torch
 
     check_device(device)
     path = resolve_model_path(folder)
     Checkpoint(path, allow_pickle=allow_pickle)  # refuses pickles unless opted in, before transformers sees them
-    _, model_cls, processor = _auto_classes(path)
+    _, model_cls, processor = _auto_classes(path, processor)
     try:
         model = model_cls.from_pretrained(path, trust_remote_code=False, dtype=torch.float32,
                                           use_safetensors=not allow_pickle)
@@ -81,8 +83,9 @@ def evaluate_folder(folder: str | Path, spec: dict, device: str = "cpu", allow_p
 
     check_device(device)
     path = resolve_model_path(folder)
-    evaluator = build_evaluator(spec, load_processor(path), where="eval")  # a bad spec costs no weight loading
-    model, _ = load_model(folder, device, allow_pickle)
+    processor = load_processor(path)
+    evaluator = build_evaluator(spec, processor, where="eval")  # a bad spec costs no weight loading
+    model, _ = load_model(path, device, allow_pickle, processor)
     start = time.perf_counter()
     try:
         metrics = evaluator.score(model)

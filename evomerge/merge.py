@@ -6,8 +6,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from evomerge.architecture import classify
-from evomerge.bank import SourceBank, component_source_name
+from evomerge.bank import SourceBank, merged_roles
 from evomerge.checkpoint import Checkpoint, check_output_folder, parse_size, resolve_model_path, write_model
 from evomerge.devices import check_device
 from evomerge.errors import EvomergeError
@@ -25,9 +24,7 @@ def output_config(bank: SourceBank, out_dtype: str) -> dict:
 def check_recipe_against_model(recipe: Recipe, allow_pickle: bool = False) -> None:
     """Rules whose selectors match no tensor of the reference model are errors (from headers only)."""
     ckpt = Checkpoint(recipe.base or recipe.sources[0].model, allow_pickle=allow_pickle)
-    merged = [(n, classify(n, ckpt.model_type)) for n in ckpt.names()
-              if component_source_name(n, recipe.component) is not None]
-    problem = unmatched_selectors(recipe, merged)
+    problem = unmatched_selectors(recipe, merged_roles(ckpt.names(), ckpt.model_type, recipe.component))
     if problem:
         raise EvomergeError(problem)
 

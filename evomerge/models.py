@@ -9,6 +9,7 @@ campaign over a family that does not exist on disk yet. The demo registers `demo
 from __future__ import annotations
 
 import importlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -36,13 +37,7 @@ class ModelInfo:
 
     @property
     def numel(self) -> int:
-        total = 0
-        for shape in self.shapes.values():
-            n = 1
-            for d in shape:
-                n *= int(d)
-            total += n
-        return total
+        return sum(math.prod(shape) for shape in self.shapes.values())
 
 
 @dataclass

@@ -149,13 +149,10 @@ def preflight(campaign: Campaign, build: bool = True, root: Path | None = None) 
 
 def _check_rules(space, reference: ModelInfo, component: dict | None) -> None:
     """Rules the config writes (under `fixed`) must match tensors of the model, like a recipe's."""
-    from evomerge.architecture import classify
-    from evomerge.bank import component_source_name
+    from evomerge.bank import merged_roles
     from evomerge.recipe import unmatched_selectors
 
-    tensors = [(n, classify(n, reference.model_type)) for n in reference.shapes
-               if component_source_name(n, component) is not None]
-    problem = unmatched_selectors(space.decode(space.x0), tensors)
+    problem = unmatched_selectors(space.decode(space.x0), merged_roles(reference.shapes, reference.model_type, component))
     if problem:
         raise EvomergeError(f"config field 'search_space': {problem}")
 

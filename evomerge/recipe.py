@@ -26,7 +26,6 @@ tensor name). A source's own setting beats the recipe-wide one, which beats the 
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable

@@ -76,9 +76,8 @@ class Worker:
 
         self.spec = spec
         self.bank = SourceBank(spec.sources, spec.base, dtype=spec.dtype, device=spec.device, component=spec.component)
-        model, processor = new_model_and_processor(self.bank.reference_path, self.bank.dtype)
-        self.tokenizer = tokenizer or processor
-        self.model = model.to(spec.device).eval()
+        self.model, self.tokenizer = new_model_and_processor(self.bank.reference_path, self.bank.dtype, tokenizer)
+        self.model = self.model.to(spec.device).eval()
         self.evaluators = evaluators or build_evaluators(spec, self.tokenizer)
         self.racing = RacingRule(**spec.racing) if spec.racing else None
 

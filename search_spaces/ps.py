@@ -20,8 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from evomerge.architecture import classify
-from evomerge.bank import component_source_name
+from evomerge.bank import merged_roles
 from evomerge.errors import EvomergeError, check_keys, close_match, is_number
 from evomerge.methods import METHODS, get_method
 from evomerge.recipe import Recipe, check_setting
@@ -50,10 +49,7 @@ def layer_cells(names: list[str], model_type: str, granularity: str, families: b
     if granularity == "global":
         return [Cell(None)]
     cells: list[Cell] = []
-    for name in names:
-        if component_source_name(name, component) is None:
-            continue  # not merged (a component merge): a coordinate here would change nothing
-        role = classify(name, model_type)
+    for _, role in merged_roles(names, model_type, component):  # unmerged tensors get no coordinate
         # With families, every block tensor gets a family cell ("other" for the unclassified), so no
         # group-wide cell can shadow the family cells of its block.
         fam = (role.family if role.family in BLOCK_FAMILIES else "other") if families and role.block is not None else None

@@ -77,6 +77,10 @@ def test_racing_stops_hopeless_candidates_and_journals_them(demo_cache, tmp_path
     best = max(r.objectives["mean_accuracy"] for r in done)
     assert all(r.objectives["mean_accuracy"] < best for r in raced)
     assert {m.id for m in front_members(journal, runner.campaign)} <= {r.id for r in done}  # partial scores never make the front
+    # Racing's incumbent is fixed per generation: the best full score of earlier generations, journaled.
+    for r in rows:
+        earlier = [x.objectives["mean_accuracy"] for x in rows if x.status == "done" and x.generation < r.generation]
+        assert r.incumbent == (max(earlier) if earlier else None), r
     st = campaign_status(tmp_path / "race")
     assert st["raced"] == len(raced) and st["examples_scored"] == sum(r.examples for r in rows) < full * len(rows)
 
