@@ -71,8 +71,8 @@ def resolve_model_path(ref: str | os.PathLike) -> Path:
         )
     except Exception as exc:  # network, auth, offline cache miss: one line, no token in it
         raise EvomergeError(
-            f"model {text!r} is not a local folder and could not be fetched from the hub "
-            f"({type(exc).__name__}); download it first or pass a local path"
+            f"model {text!r}: there is no folder {path.resolve()}, and as a hub id it could not be fetched from the hub "
+            f"({type(exc).__name__}); fix the path, or download the model first"
         ) from None
     return Path(local)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from evomerge.errors import read_document
+from evomerge.errors import EvomergeError, read_document
 from evomerge.mergekit_compat import from_mergekit, is_mergekit_config
 from evomerge.recipe import Recipe
 
@@ -16,6 +16,9 @@ from evomerge.recipe import Recipe
 def load_recipe(path: str | Path) -> Recipe:
     """An evomerge recipe, or a mergekit config (told apart by mergekit's `merge_method` key)."""
     data = read_document(path, "recipe", "recipe YAML/JSON file", "YAML/JSON")
+    if isinstance(data, dict) and "search_space" in data:
+        raise EvomergeError(f"{path} is a campaign config, not a merge recipe; run it with "
+                            f"`evomerge run {path} --out DIR` (a recipe has method and sources)")
     if is_mergekit_config(data):
         return from_mergekit(data, origin=str(path))
     return Recipe.from_dict(data, origin=str(path))

@@ -120,7 +120,10 @@ def build_family_safely(root: str | Path, n_experts: int = 3, **kwargs) -> dict[
         raise EvomergeError(f"{root} is a file; pass a folder for the family")
     members = ["base", *(f"expert{i}" for i in range(n_experts))]
     for m in members:
-        check_output_folder(root / m)  # refuses an existing member folder and an unwritable place
+        if (root / m).exists():
+            raise EvomergeError(f"{root / m} already exists; evomerge tiny never writes over a folder: "
+                                "pick a new one")
+        check_output_folder(root / m)  # refuses an unwritable place
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny.tmp-", dir=root))
     try:
