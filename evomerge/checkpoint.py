@@ -280,6 +280,15 @@ class Checkpoint:
             yield name, self.get(name, dtype)
 
 
+def format_size(n: float) -> str:
+    """'1.5 GiB' (binary units)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
 def parse_size(text: str | int) -> int:
     """'2GB', '500MB', '1.5GiB' or a byte count."""
     if isinstance(text, int) and not isinstance(text, bool):

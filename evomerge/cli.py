@@ -17,16 +17,29 @@ from evomerge.errors import EvomergeError
 
 
 def _merge(args: argparse.Namespace) -> None:
+    from evomerge.export import write_recipe
     from evomerge.loader import load_recipe
-    from evomerge.merge import merge_to_disk
 
     recipe = load_recipe(args.recipe)
-    out = merge_to_disk(
+    out = write_recipe(
         recipe, args.out_dir, device=args.device, shard_size=args.shard_size,
         allow_pickle=args.allow_pickle, overwrite=args.overwrite, progress=not args.quiet,
         protect=[args.recipe],
     )
     print(f"wrote {out}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from evomerge.export import export_candidate
+    from evomerge.hybrid import final_folder
+
+    if (args.candidate is None) == (args.best is None):
+        raise EvomergeError("export: give exactly one of --candidate ID or --best [OBJECTIVE]")
+    best = None if args.best is None else (args.best or None)
+    out, row = export_candidate(final_folder(args.dir), args.out_dir, args.candidate, best, args.overwrite,
+                                args.shard_size)
+    scores = ", ".join(f"{k}={v:.4g}" for k, v in (row["objectives"] or {}).items())
+    print(f"wrote {out} (candidate #{row['id']}: {scores})")
 
 
 def _tiny(args: argparse.Namespace) -> None:
@@ -39,16 +52,25 @@ def _tiny(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> None:
-    from evomerge.config import load_campaign
+    from evomerge.config import parse_campaign
+    from evomerge.errors import read_document
+    from evomerge.hybrid import StagedRunner, is_staged
 
-    campaign = load_campaign(args.config)
+    data = read_document(args.config, "config", "campaign YAML file")
+    if is_staged(data):
+        runner = StagedRunner(data, args.out, progress=not args.quiet, origin=args.config)
+        if args.dry_run:
+            _dry_run(runner.campaign(0), args.out)
+            print(f"later stages ({', '.join(n for n, _ in runner.stages[1:])}) are checked as configs now and "
+                  "planned when the stage before them has a winner")
+            return
+        from evomerge.view import front_lines
+
+        print("\n".join(front_lines(runner.run().front)))
+        return
+    campaign = parse_campaign(data, str(args.config))
     if args.dry_run:
-        from evomerge.preflight import describe, preflight
-
-        plan = preflight(campaign, build=False)
-        for line in describe(plan):
-            print(line)
-        print(f"dry run: nothing was loaded or written (campaign folder {args.out})")
+        _dry_run(campaign, args.out)
         return
     from evomerge.campaign import CampaignRunner
     from evomerge.view import front_lines
@@ -57,25 +79,38 @@ def _run(args: argparse.Namespace) -> None:
     print("\n".join(front_lines(out.front)))
 
 
+def _dry_run(campaign, out) -> None:
+    from evomerge.preflight import describe, preflight
+
+    for line in describe(preflight(campaign, build=False)):
+        print(line)
+    print(f"dry run: nothing was loaded or written (campaign folder {out})")
+
+
 def _resume(args: argparse.Namespace) -> None:
     from evomerge.campaign import resume_campaign
+    from evomerge.hybrid import is_staged_folder, resume_staged
     from evomerge.view import front_lines
 
-    out = resume_campaign(args.dir, progress=not args.quiet)
+    resume = resume_staged if is_staged_folder(args.dir) else resume_campaign
+    out = resume(args.dir, progress=not args.quiet)
     print("\n".join(front_lines(out.front)))
 
 
 def _status(args: argparse.Namespace) -> None:
+    from evomerge.hybrid import final_folder, staged_status
     from evomerge.view import load_view, status_lines
 
-    view = load_view(args.dir)
-    print(json.dumps(view.to_json()) if args.json else "\n".join(status_lines(view)))
+    stages = None if args.json else staged_status(args.dir)
+    view = load_view(final_folder(args.dir))
+    print(json.dumps(view.to_json()) if args.json else "\n".join((stages or []) + status_lines(view)))
 
 
 def _front(args: argparse.Namespace) -> None:
+    from evomerge.hybrid import final_folder
     from evomerge.view import front_lines, load_view
 
-    front = load_view(args.dir).front
+    front = load_view(final_folder(args.dir)).front
     print(json.dumps([m.to_json() for m in front]) if args.json else "\n".join(front_lines(front)))
 
 
@@ -129,6 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.set_defaults(func=_merge)
+    x = sub.add_parser("export", help="write a campaign's candidate as a model folder that transformers loads")
+    x.add_argument("dir", help="campaign folder")
+    x.add_argument("out_dir", help="output folder (written atomically)")
+    x.add_argument("--candidate", type=int, help="the candidate id (see `evomerge front DIR`)")
+    x.add_argument("--best", nargs="?", const="", default=None, metavar="OBJECTIVE",
+                   help="the best finished candidate on OBJECTIVE by fitness (default: the first objective)")
+    x.add_argument("--shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    x.set_defaults(func=_export)
     r = sub.add_parser("run", help="start (or continue) a campaign from a config")
     r.add_argument("config")
     r.add_argument("--out", required=True, help="campaign folder (journal.sqlite lives here)")

@@ -26,6 +26,8 @@ from evomerge.errors import EvomergeError
 FAMILY_VERSION = "demo-v1"
 SKILLS = ("reverse", "sort", "shift")
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "demo.yaml"
+# Rows the report adds beside the parameter-space winner: a data-flow search and PS+DFS.
+DATAFLOW_CONFIGS = {"dfs": DEMO_CONFIG.with_name("demo_dfs.yaml"), "hybrid": DEMO_CONFIG.with_name("demo_hybrid.yaml")}
 
 # Measured on 2 CPU cores: ~40 s for the base, ~15 s per expert.
 BASE_STEPS, BASE_LR, BASE_MIX = 800, 3e-3, {"copy": 0.88, "reverse": 0.04, "sort": 0.04, "shift": 0.04}
@@ -202,6 +204,8 @@ def run_demo(out: str | Path, budget: int | None = None, config: str | Path | No
             raise EvomergeError(f"demo baseline {name!r} could not be scored: {res.error}")
         rows[name] = {**res.metrics, objective.name: objective.value(res.metrics)}
     rows["winner"] = winner.holdout
+    if config is None:  # the built-in demo also searches layer paths, alone and after the PS search
+        rows.update(_dataflow_rows(Path(out), objective, progress))
     wall = time.perf_counter() - start
 
     summary = {
@@ -211,6 +215,7 @@ def run_demo(out: str | Path, budget: int | None = None, config: str | Path | No
             "uniform": rows["uniform"][objective.name],
             "sources": {n: rows[n][objective.name] for n in sources},
             "base": rows["base"][objective.name],
+            **{k: rows[k][objective.name] for k in DATAFLOW_CONFIGS if k in rows},
         },
         "metrics": rows,
         "winner_id": winner.id,
@@ -221,6 +226,26 @@ def run_demo(out: str | Path, budget: int | None = None, config: str | Path | No
     Path(out, "summary.json").write_text(json.dumps(summary, indent=2))
     print_report(runner.campaign, list(sources), outcome, rows, objective.name, wall)
     return summary
+
+
+def _dataflow_rows(out: Path, objective, progress: bool) -> dict:
+    """Held-out scores of the DFS and PS+DFS winners (their campaigns run in OUT/dfs and OUT/hybrid)."""
+    from evomerge.campaign import CampaignRunner
+    from evomerge.config import parse_campaign
+    from evomerge.errors import read_document
+    from evomerge.hybrid import StagedRunner, is_staged
+
+    rows = {}
+    for label, path in DATAFLOW_CONFIGS.items():
+        data = read_document(path, "demo config", "campaign YAML file")
+        if progress:
+            print(f"\n{label}: {path.name}", flush=True)
+        runner = StagedRunner(data, out / label, progress, str(path)) if is_staged(data) else \
+            CampaignRunner(parse_campaign(data, str(path)), out / label, progress=progress)
+        front = runner.run().front
+        best = max(front, key=lambda m: m.objectives[objective.name])
+        rows[label] = best.holdout
+    return rows
 
 
 def _spec_metrics(spec: dict) -> set[str]:
@@ -238,6 +263,6 @@ def print_report(campaign, source_names: list[str], outcome, rows: dict, objecti
     header = f"  {'model':<10s}" + "".join(f"{n:>10s}" for n in names) + f"{objective:>14s}"
     print(header)
     print("  " + "-" * (len(header) - 2))
-    for name in ["base", *source_names, "uniform", "winner"]:
+    for name in ["base", *source_names, "uniform", "winner", *(k for k in DATAFLOW_CONFIGS if k in rows)]:
         r = rows[name]
         print(f"  {name:<10s}" + "".join(f"{r[n]:>10.3f}" for n in names) + f"{r[objective]:>14.3f}")

@@ -25,7 +25,7 @@ def _auto_classes(folder: str | Path, processor=None):
 
     folder = Path(folder)
     read_config(folder)  # a missing or broken config.json is one line, not a transformers traceback
-    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+    if processor is None and not any((folder / f).is_file() for f in TOKENIZER_FILES):
         raise EvomergeError(f"{folder} has no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}, ...); copy them "
                             "from the model it came from (or set tokenizer_source in the recipe)")
     try:
@@ -64,7 +64,10 @@ def load_model(folder: str | Path, device: str = "cpu", allow_pickle: bool = Fal
     """(model, tokenizer or processor) from a local folder; never runs remote code."""
     import torch
 
+    from transformers.utils import logging as hf_logging
+
     check_device(device)
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per model is noise beside evomerge's own output
     path = resolve_model_path(folder)
     Checkpoint(path, allow_pickle=allow_pickle)  # refuses pickles unless opted in, before transformers sees them
     _, model_cls, processor = _auto_classes(path, processor)

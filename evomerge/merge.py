@@ -39,6 +39,7 @@ def merge_to_disk(
     overwrite: bool = False,
     progress: bool = False,
     protect: Iterable[str | os.PathLike] = (),
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Materialize the recipe and write a model folder that `from_pretrained` loads.
 
@@ -65,7 +66,7 @@ def merge_to_disk(
         config_source=bank.reference_path,
         tokenizer_source=resolve_model_path(tokenizer_ref),
         shard_size=shard_size,
-        extra_files={"evomerge_recipe.yaml": recipe.to_yaml()},
+        extra_files={"evomerge_recipe.yaml": recipe.to_yaml(), **(extra_files or {})},
         overwrite=overwrite,
         protect=[*protect, *models],
     )

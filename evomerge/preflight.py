@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evomerge.checkpoint import format_size as _size
 from evomerge.config import Campaign
 from evomerge.errors import EvomergeError
 from evomerge.models import ModelInfo, model_info, resolve_ref
@@ -73,7 +74,6 @@ def preflight(campaign: Campaign, build: bool = True, root: Path | None = None) 
     """The plan of a campaign, or one line naming what is wrong. `build=False` builds no model
     (a built-in family not on disk yet is described from its config) and reads no tensor.
     Relative model paths resolve under `root` (the directory the campaign started in)."""
-    from evomerge.bank import check_compatible
     from evomerge.devices import check_device
     from evomerge.optimizers import make_optimizer
     from evomerge.search_spaces import SpaceContext, space_kind
@@ -113,19 +113,14 @@ def preflight(campaign: Campaign, build: bool = True, root: Path | None = None) 
                 and info.path.resolve() == base_info.path.resolve():
             raise EvomergeError(f"config field '{name}': {info.ref} is the base model itself; its task vector is "
                                 "zero, so its parameters could change nothing: drop it from sources")
-    reference_name = "base" if base_info is not None else next(iter(models))
-    reference = models[reference_name]
-    ref_path = reference.path.resolve()
-    check_compatible(reference.ref, reference.shapes,
-                     {info.ref: (reference.shapes if info.path.resolve() == ref_path else info.shapes)
-                      for name, info in models.items() if name != reference_name},
-                     reference.model_type, space_block.get("component"))
+    reference = models["base" if base_info is not None else next(iter(models))]
 
     sources = {n: resolved[f"sources.{n}"] for n in campaign.sources}
     base = resolved.get("base")
+    # The space checks that the models fit it (tensor by tensor for merges, layer shapes for paths).
     space = space_kind(space_block["kind"]).build(
-        space_block, SpaceContext(sources, base, reference, campaign.seed, campaign.dtype))
-    _check_rules(space, reference, space_block.get("component"))
+        space_block, SpaceContext(sources, base, reference, campaign.seed, campaign.dtype, models))
+    reference = models[space.reference_name]
     optimizer = make_optimizer(campaign.optimizer, space.dim, len(campaign.objectives), campaign.seed,
                                space.x0, space.sigma0, campaign.budget)
     if optimizer.population > campaign.budget:
@@ -135,26 +130,20 @@ def preflight(campaign: Campaign, build: bool = True, root: Path | None = None) 
                             f"{optimizer.population} candidates ({how}); raise the budget or set a smaller "
                             "optimizer.population")
 
-    worker = WorkerSpec(list(sources.values()), base, campaign.fitness, campaign.holdout, campaign.dtype,
+    # A path worker loads the lead first: its model is the shell every path runs in.
+    lead = resolved[space.reference_name]
+    worker_sources = list(sources.values()) if space.materializer == "merge" else \
+        [lead, *(s for s in sources.values() if s != lead)]
+    worker = WorkerSpec(worker_sources, base, campaign.fitness, campaign.holdout, campaign.dtype,
                         device or "cpu", campaign.racing, dict(campaign.objectives[0].metrics),
-                        space_block.get("component"))
+                        space_block.get("component"), space.materializer)
     tokenizer, evaluators = _evaluators(campaign, worker, reference)
     return Plan(
         campaign=campaign, base=base, sources=sources, models=models, space=space, optimizer=optimizer,
         generation_sizes=generation_sizes(campaign.budget, optimizer.population), worker=worker,
-        evaluators=evaluators, tokenizer=tokenizer, memory=memory_estimate(campaign, models, reference, space_block),
+        evaluators=evaluators, tokenizer=tokenizer, memory=memory_estimate(campaign, models, space),
         provenance=provenance(models),
     )
-
-
-def _check_rules(space, reference: ModelInfo, component: dict | None) -> None:
-    """Rules the config writes (under `fixed`) must match tensors of the model, like a recipe's."""
-    from evomerge.bank import merged_roles
-    from evomerge.recipe import unmatched_selectors
-
-    problem = unmatched_selectors(space.decode(space.x0), merged_roles(reference.shapes, reference.model_type, component))
-    if problem:
-        raise EvomergeError(f"config field 'search_space': {problem}")
 
 
 def _needs_base(space_block: dict) -> bool:
@@ -221,26 +210,13 @@ def _check_metrics(campaign: Campaign, evaluators: dict[str, list]) -> None:
                                 "objective or turn racing off")
 
 
-def memory_estimate(campaign: Campaign, models: dict[str, ModelInfo], reference: ModelInfo, space_block: dict) -> dict:
-    """Bytes the worker will hold: the bank (reference + one task vector per other source + per-element
-    keys for sparsifying methods) and the model being evaluated, in the campaign's dtype."""
+def memory_estimate(campaign: Campaign, models: dict[str, ModelInfo], space) -> dict:
+    """Bytes the worker will hold, as the search space lays them out, in the campaign's dtype."""
     import torch
 
-    from evomerge.bank import component_source_name
-    from evomerge.methods import METHODS
     from evomerge.recipe import DTYPES
 
-    element = torch.empty(0, dtype=DTYPES[campaign.dtype]).element_size()
-    merged = sum(math.prod(s) for n, s in reference.shapes.items()
-                 if component_source_name(n, space_block.get("component")) is not None)
-    ref_path = reference.path.resolve()
-    deltas = sum(1 for name, info in models.items() if name != "base" and info.path.resolve() != ref_path)
-    method = METHODS.get(space_block.get("method", ""))
-    keys = deltas * merged * 4 if method is not None and method.element_key else 0  # int32 ranks / drop fields
-    bank = reference.numel * element + deltas * merged * element
-    model = reference.numel * element
-    return {"reference": reference.numel * element, "deltas": deltas * merged * element, "keys": keys,
-            "bank": bank + keys, "model": model, "total": bank + keys + model}
+    return space.memory(models, torch.empty(0, dtype=DTYPES[campaign.dtype]).element_size())
 
 
 def provenance(models: dict[str, ModelInfo]) -> dict:
@@ -278,14 +254,6 @@ def check_provenance(stored: dict | None, current: dict) -> list[str]:
 
 
 # -- the dry-run report ---------------------------------------------------------------------------
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} TiB"
 
 
 def available_memory(device: str) -> int | None:
@@ -334,9 +302,7 @@ def describe(plan: Plan) -> list[str]:
     m = plan.memory
     device = plan.worker.device
     avail = available_memory(device)
-    lines.append(f"memory on {device} ({c.dtype}): bank {_size(m['bank'])} (reference {_size(m['reference'])} + "
-                 f"task vectors {_size(m['deltas'])} + per-element keys {_size(m['keys'])}), evaluation model "
-                 f"{_size(m['model'])}; total ~{_size(m['total'])}"
+    lines.append(f"memory on {device} ({c.dtype}): {m['detail']}; total ~{_size(m['total'])}"
                  + (f" of {_size(avail)} available" if avail else ""))
     if avail is not None and m["total"] > avail:
         lines.append(f"warning: the estimate exceeds the {_size(avail)} available on {device}")

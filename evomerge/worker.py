@@ -1,4 +1,4 @@
-"""The worker: a SourceBank, one preallocated model and the evaluators. Materialize, score, report.
+"""The worker: a materializer (recipe -> model in memory) and the evaluators. Materialize, score, report.
 
 A worker knows nothing of optimizers or journals: it takes a `Task` (a recipe, the role it is
 scored for, and racing's incumbent as plain data) and returns a `Result`. Executors decide where
@@ -64,20 +64,51 @@ class WorkerSpec:
     racing: dict | None = None
     race_weights: dict[str, float] = field(default_factory=dict)
     component: dict | None = None
+    materializer: str = "merge"  # how recipes become models: "merge" (a SourceBank) or "path" (layer paths)
+
+
+class MergeMaterializer:
+    """Parameter-space recipes: a SourceBank writes each candidate into one preallocated model."""
+
+    def __init__(self, spec: WorkerSpec, tokenizer=None):
+        from evomerge.bank import SourceBank
+        from evomerge.evaluate import new_model_and_processor
+
+        self.bank = SourceBank(spec.sources, spec.base, dtype=spec.dtype, device=spec.device, component=spec.component)
+        self.model, self.tokenizer = new_model_and_processor(self.bank.reference_path, self.bank.dtype, tokenizer)
+        self.model = self.model.to(spec.device).eval()
+
+    @classmethod
+    def create(cls, spec: WorkerSpec, tokenizer=None) -> "MergeMaterializer":
+        return cls(spec, tokenizer)
+
+    def materialize(self, recipe: dict) -> torch.nn.Module:
+        self.bank.materialize(Recipe.from_dict(recipe), self.model)
+        return self.model
+
+
+# Where each kind lives; imported on first use so a merge-only worker never imports the others.
+MATERIALIZERS = {"merge": "evomerge.worker:MergeMaterializer", "path": "evomerge.dataflow:PathMaterializer"}
+
+
+def materializer_kind(name: str):
+    import importlib
+
+    if name not in MATERIALIZERS:
+        raise EvomergeError(f"unknown materializer {name!r}; known: {', '.join(MATERIALIZERS)}")
+    module, _, attr = MATERIALIZERS[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 class Worker:
     """Materialize a recipe into one preallocated model and score it: no disk I/O per candidate."""
 
     def __init__(self, spec: WorkerSpec, evaluators: dict[str, list] | None = None, tokenizer=None):
-        from evomerge.bank import SourceBank
-        from evomerge.evaluate import new_model_and_processor
         from evomerge.racing import RacingRule
 
         self.spec = spec
-        self.bank = SourceBank(spec.sources, spec.base, dtype=spec.dtype, device=spec.device, component=spec.component)
-        self.model, self.tokenizer = new_model_and_processor(self.bank.reference_path, self.bank.dtype, tokenizer)
-        self.model = self.model.to(spec.device).eval()
+        self.materializer = materializer_kind(spec.materializer).create(spec, tokenizer)
+        self.model, self.tokenizer = None, self.materializer.tokenizer
         self.evaluators = evaluators or build_evaluators(spec, self.tokenizer)
         self.racing = RacingRule(**spec.racing) if spec.racing else None
 
@@ -88,7 +119,7 @@ class Worker:
         t1 = t0
         evaluators = self.evaluators[task.role]
         try:
-            self.bank.materialize(Recipe.from_dict(task.recipe), self.model)
+            self.model = self.materializer.materialize(task.recipe)
             t1 = time.perf_counter()
             raced = False
             if self.racing is not None and task.role == FITNESS:

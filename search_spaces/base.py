@@ -9,7 +9,7 @@ class with `@register_space("<kind>")`; nothing in the campaign changes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import numpy as np
@@ -28,11 +28,14 @@ class SpaceContext:
     reference: ModelInfo  # the base, else the first source: tensor names, shapes, model type
     seed: int
     dtype: str
+    models: dict[str, ModelInfo] = field(default_factory=dict)  # config field ("base", "sources.<name>") -> info
 
 
 class SearchSpace(Protocol):
     kind: str
     names: list[str]  # one per coordinate, e.g. "reverse.weight@block.3/mlp"
+    materializer: str  # how the worker turns its recipes into models: "merge" or "path"
+    reference_name: str  # the model whose config and tokenizer candidates take ("base", "sources.<name>")
 
     @property
     def dim(self) -> int: ...
@@ -43,7 +46,11 @@ class SearchSpace(Protocol):
     @property
     def sigma0(self) -> float: ...
 
-    def decode(self, x) -> Recipe: ...
+    def decode(self, x) -> Recipe: ...  # or a PathRecipe: anything with to_dict() a worker materializes
+
+    def memory(self, models: dict[str, ModelInfo], element: int) -> dict:
+        """Bytes the worker will hold ({"total": ..., "detail": "..."}), for pre-flight and --dry-run."""
+        ...
 
     def describe(self) -> list[str]:
         """A few lines for `--dry-run`: what the coordinates mean."""
@@ -57,7 +64,9 @@ class SpaceKind(Protocol):
     def validate(cls, block: dict, where: str) -> dict: ...
 
     @classmethod
-    def build(cls, block: dict, ctx: SpaceContext) -> SearchSpace: ...
+    def build(cls, block: dict, ctx: SpaceContext) -> SearchSpace:
+        """The space over the campaign's models; checks the models fit it (from headers, no tensor read)."""
+        ...
 
 
 SPACES: dict[str, type] = {}

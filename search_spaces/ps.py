@@ -16,14 +16,16 @@ the settings of Sakana's EvoLLM-JP parameter-space search.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from evomerge.bank import merged_roles
+from evomerge.bank import check_compatible, component_source_name, merged_roles
+from evomerge.checkpoint import format_size as _size
 from evomerge.errors import EvomergeError, check_keys, close_match, is_number
 from evomerge.methods import METHODS, get_method
-from evomerge.recipe import Recipe, check_setting
+from evomerge.recipe import Recipe, check_setting, unmatched_selectors
 from evomerge.search_spaces.base import SpaceContext, register_space
 
 BLOCK_FAMILIES = ("attention", "mlp", "norm")
@@ -71,6 +73,7 @@ class ParameterSpace:
     """decode(x) -> Recipe for x in [0, 1]^dim."""
 
     kind = "ps"
+    materializer = "merge"
 
     def __init__(
         self,
@@ -183,12 +186,44 @@ class ParameterSpace:
             raise EvomergeError(f"config field 'sources': method {method.name!r} takes "
                                 f"{method.min_sources}{'' if method.max_sources == method.min_sources else '+'} "
                                 f"source(s) besides the base, got {n}")
-        cells = layer_cells(list(ctx.reference.shapes), ctx.reference.model_type, block["granularity"],
-                            bool(block.get("families")), block.get("component"))
-        return cls(block["method"], ctx.sources, ctx.base, block["parameters"], cells, block["fixed"], ctx.seed,
-                   ctx.dtype, block.get("component"))
+        reference, component = ctx.reference, block.get("component")
+        ref_path = reference.path.resolve()
+        check_compatible(reference.ref, reference.shapes,
+                         {info.ref: (reference.shapes if info.path.resolve() == ref_path else info.shapes)
+                          for info in ctx.models.values() if info is not reference},
+                         reference.model_type, component)
+        cells = layer_cells(list(reference.shapes), reference.model_type, block["granularity"],
+                            bool(block.get("families")), component)
+        space = cls(block["method"], ctx.sources, ctx.base, block["parameters"], cells, block["fixed"], ctx.seed,
+                    ctx.dtype, component)
+        # Rules the config writes (under `fixed`) must match tensors of the model, like a recipe's.
+        problem = unmatched_selectors(space.decode(space.x0), merged_roles(reference.shapes, reference.model_type,
+                                                                           component))
+        if problem:
+            raise EvomergeError(f"config field 'search_space': {problem}")
+        return space
+
+    def memory(self, models: dict, element: int) -> dict:
+        """The bank (reference + one task vector per other source + per-element keys for sparsifying
+        methods) and the model being evaluated, in the campaign's dtype."""
+        reference = models[self.reference_name]
+        merged = sum(math.prod(s) for n, s in reference.shapes.items()
+                     if component_source_name(n, self.component) is not None)
+        ref_path = reference.path.resolve()
+        deltas = sum(1 for name, info in models.items() if name != "base" and info.path.resolve() != ref_path)
+        keys = deltas * merged * 4 if self.method.element_key else 0  # int32 ranks / drop fields
+        bank = reference.numel * element + deltas * merged * element
+        model = reference.numel * element
+        return {"total": bank + keys + model,
+                "detail": f"bank {_size(bank + keys)} (reference {_size(reference.numel * element)} + task vectors "
+                          f"{_size(deltas * merged * element)} + per-element keys {_size(keys)}), evaluation model "
+                          f"{_size(model)}"}
 
     # -- the SearchSpace interface ------------------------------------------------------------
+
+    @property
+    def reference_name(self) -> str:
+        return "base" if self.base is not None else f"sources.{next(iter(self.sources))}"
 
     @property
     def dim(self) -> int:
@@ -241,3 +276,4 @@ def _rule(cell: Cell, value: float) -> dict:
         rule["family"] = cell.family
     rule["value"] = value
     return rule
+

@@ -342,7 +342,7 @@ CASES = [
      r"bad value 'mgsn'.*did you mean 'mgsm'\?"),
     # -- found by review: odd types, huge numbers, evaluator settings, journals with damaged values ----------
     ("search-space-kind-list", lambda c: c.run(lambda d: d["search_space"].update(kind=["ps"])),
-     r"config field 'search_space.kind': bad value \['ps'\]; allowed: ps"),
+     r"config field 'search_space.kind': bad value \['ps'\]; allowed: dfs, ps"),
     ("executor-kind-list", lambda c: c.run(lambda d: d["executor"].update(kind=["local"])),
      r"config field 'executor.kind': bad value \['local'\]; allowed: local"),
     ("method-list", lambda c: c.run(lambda d: d["search_space"].update(method=["ties"])),

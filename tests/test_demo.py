@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -36,6 +37,15 @@ def test_demo_winner_beats_sources_and_uniform_on_holdout(demo_run):
         assert hold["winner"] > score, (name, hold)
     assert hold["winner"] > hold["uniform"], hold
     assert "held-out scores" in stdout and "uniform" in stdout and "winner" in stdout
+    # The data-flow rows: the DFS and PS+DFS winners, scored on the same held-out sets.
+    from evomerge.hybrid import final_folder
+    from evomerge.view import load_view
+
+    for label in ("dfs", "hybrid"):
+        front = load_view(final_folder(out / label)).front
+        best = max(front, key=lambda m: m.objectives["mean_accuracy"])
+        assert hold[label] == best.holdout["mean_accuracy"]
+        assert re.search(rf"^  {label}\s+(\d\.\d{{3}}\s+){{3}}{hold[label]:.3f}$", stdout, re.M), stdout
     # Fitness and held-out examples are disjoint.
     from evomerge.evaluators.synthetic import examples
 
