@@ -76,6 +76,8 @@ class CampaignRunner:
     def _make_folder(self) -> Path:
         if self.folder.exists() and not self.folder.is_dir():
             raise EvomergeError(f"--out {self.folder} is a file; pass a folder for the campaign")
+        if (self.folder / "hybrid.json").is_file():
+            raise EvomergeError(f"{self.folder} holds a staged campaign; start this config in a new --out folder")
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

@@ -239,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         print("evomerge: error: interrupted; nothing half-written was kept (a campaign continues with "
               "`evomerge resume DIR`)", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `evomerge status DIR | head`: the reader left; nothing to report
+        sys.stderr.close()
+        return 0
     except sqlite3.Error as exc:
         print(f"evomerge: error: the campaign journal cannot be read ({exc}); restore journal.sqlite from a backup, "
               "or start again in a new --out folder", file=sys.stderr)

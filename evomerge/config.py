@@ -315,6 +315,10 @@ def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
         a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
         if isinstance(a, dict) and isinstance(b, dict):
             out += config_diff(a, b, f"{prefix}{key}.")
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b) \
+                and all(isinstance(x, dict) and isinstance(y, dict) for x, y in zip(a, b)):
+            for i, (x, y) in enumerate(zip(a, b)):  # stages, evaluator lists: name the entry that changed
+                out += config_diff(x, y, f"{prefix}{key}[{i}].")
         elif json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True, default=str):
             out.append(f"{prefix}{key}: {json.dumps(a, default=str)} -> {json.dumps(b, default=str)}")
     return out

@@ -24,15 +24,14 @@ without remote code; its logits match the path model's up to the norms' epsilon.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from evomerge.errors import EvomergeError, check_keys, close_match, is_count, is_number
+from evomerge.errors import EvomergeError, close_match, is_count, is_number
 
 MAX_PATH = 4096
 FIELDS = ("models", "lead", "path", "dtype", "out_dtype")
@@ -132,7 +131,7 @@ class PathRecipe:
 
         if not isinstance(data, dict):
             raise EvomergeError(f"{origin}: expected a mapping at the top level, got {type(data).__name__}")
-        check_keys(data, FIELDS, origin)
+        _known(data, FIELDS, origin)
         models = data.get("models")
         if not isinstance(models, dict) or not models or not all(
                 isinstance(k, str) and isinstance(v, str) and v for k, v in models.items()):
@@ -153,7 +152,7 @@ class PathRecipe:
             where = f"{origin}: path[{i}]"
             if not isinstance(step, dict):
                 raise EvomergeError(f"{where} must be a mapping {{model: NAME, layer: INDEX, scale: 1.0}}, got {step!r}")
-            check_keys(step, ("model", "layer", "scale"), where)
+            _known(step, ("model", "layer", "scale"), where)
             name = step.get("model")
             if name not in models:
                 raise EvomergeError(f"{where}.model {name!r} is not among the recipe's models "
@@ -179,6 +178,13 @@ class PathRecipe:
             if step.layer >= n:
                 raise EvomergeError(f"{origin}: path[{i}] asks for layer {step.layer} of {step.model}, which has "
                                     f"{n} layers (0-{n - 1})")
+
+
+def _known(block: dict, allowed: tuple[str, ...], where: str) -> None:
+    for key in block:
+        if key not in allowed:
+            raise EvomergeError(f"{where}: unknown field {key!r}; allowed: {', '.join(allowed)}"
+                                f"{close_match(key, allowed)}")
 
 
 def is_path_recipe(data: Any) -> bool:
@@ -345,25 +351,16 @@ def export_path(recipe: PathRecipe, out_dir: str | Path, *, shard_size: str | in
                        overwrite=overwrite, protect=[*protect, *refs.values()])
 
 
-@dataclass
 class PathMaterializer:
-    """The worker's materializer for path recipes (registered as `path`)."""
+    """The worker's materializer for path recipes (`materializer: path`): the first source leads."""
 
-    bank: PathBank
-    recipes: dict = field(default_factory=dict)
+    def __init__(self, spec, tokenizer=None):
+        self.bank = PathBank(spec.sources, spec.sources[0], spec.dtype, spec.device, tokenizer)
+        self.tokenizer = self.bank.tokenizer
 
     @classmethod
     def create(cls, spec, tokenizer=None) -> "PathMaterializer":
-        lead = spec.sources[0]
-        return cls(PathBank(spec.sources, lead, spec.dtype, spec.device, tokenizer))
-
-    @property
-    def tokenizer(self):
-        return self.bank.tokenizer
+        return cls(spec, tokenizer)
 
     def materialize(self, recipe: dict) -> torch.nn.Module:
         return self.bank.materialize(PathRecipe.from_dict(recipe))
-
-
-def scale_product(recipe: PathRecipe) -> float:
-    return math.prod(s.scale for s in recipe.path)

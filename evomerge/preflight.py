@@ -10,7 +10,6 @@ config field; `evomerge run CONFIG --dry-run` prints the resulting plan and stop
 
 from __future__ import annotations
 
-import math
 import platform
 import textwrap
 from dataclasses import dataclass

@@ -330,6 +330,30 @@ def bad(capsys, *argv):
     return lines[0]
 
 
+def test_staged_folders_refuse_other_configs(staged_reference, llama_family, tmp_path, capsys):
+    def run(cfg, folder):
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return bad(capsys, "run", path, "--out", folder, "--quiet")
+
+    before = sorted(p.name for p in staged_reference.iterdir())
+    assert re.search(r"holds a staged campaign; start this config in a new --out folder",
+                     run(dfs_config(llama_family), staged_reference))
+    edited = staged_config(llama_family, dfs_budget=30)
+    assert re.search(r"holds a staged campaign with a different config \(stages\[1\].budget: 24 -> 30\)",
+                     run(edited, staged_reference))
+    assert sorted(p.name for p in staged_reference.iterdir()) == before
+    assert re.search(r"unknown field 'scal'; allowed: model, layer, scale; did you mean 'scale'",
+                     bad(capsys, "merge", _write(tmp_path / "r.yaml", {"models": {"a": str(llama_family["expert0"])},
+                                                                      "path": [{"model": "a", "layer": 0, "scal": 2}]}),
+                         tmp_path / "m"))
+
+
+def _write(path, data):
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
 def test_bad_data_flow_input_is_one_clear_line(llama_family, gpt2_family, narrow_family, tmp_path, capsys):
     def run(cfg):
         path = tmp_path / "c.yaml"
