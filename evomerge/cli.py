@@ -54,37 +54,25 @@ def _tiny(args: argparse.Namespace) -> None:
 def _run(args: argparse.Namespace) -> None:
     from evomerge.config import parse_campaign
     from evomerge.errors import read_document
-    from evomerge.hybrid import StagedRunner, is_staged
+    from evomerge.hybrid import StagedRunner, is_staged, runner_for
 
     data = read_document(args.config, "config", "campaign YAML file")
-    if is_staged(data):
-        runner = StagedRunner(data, args.out, progress=not args.quiet, origin=args.config)
-        if args.dry_run:
-            _dry_run(runner.campaign(0), args.out)
-            print(f"later stages ({', '.join(n for n, _ in runner.stages[1:])}) are checked as configs now and "
-                  "planned when the stage before them has a winner")
-            return
-        from evomerge.view import front_lines
-
-        print("\n".join(front_lines(runner.run().front)))
-        return
-    campaign = parse_campaign(data, str(args.config))
     if args.dry_run:
-        _dry_run(campaign, args.out)
+        from evomerge.preflight import describe, preflight
+
+        staged = StagedRunner(data, args.out, origin=args.config) if is_staged(data) else None
+        campaign = staged.campaign(0) if staged else parse_campaign(data, str(args.config))
+        for line in describe(preflight(campaign, build=False)):
+            print(line)
+        if staged:
+            print(f"later stages ({', '.join(n for n, _ in staged.stages[1:])}) are checked as configs now and "
+                  "planned when the stage before them has a winner")
+        print(f"dry run: nothing was loaded or written (campaign folder {args.out})")
         return
-    from evomerge.campaign import CampaignRunner
     from evomerge.view import front_lines
 
-    out = CampaignRunner(campaign, args.out, progress=not args.quiet).run()
+    out = runner_for(data, args.out, not args.quiet, str(args.config)).run()
     print("\n".join(front_lines(out.front)))
-
-
-def _dry_run(campaign, out) -> None:
-    from evomerge.preflight import describe, preflight
-
-    for line in describe(preflight(campaign, build=False)):
-        print(line)
-    print(f"dry run: nothing was loaded or written (campaign folder {out})")
 
 
 def _resume(args: argparse.Namespace) -> None:

@@ -107,8 +107,6 @@ class PathRecipe:
     dtype: str = "float32"
     out_dtype: str | None = None
 
-    kind = "path"
-
     @property
     def lead_name(self) -> str:
         return self.lead or next(iter(self.models))
@@ -256,7 +254,6 @@ class PathBank:
         self.model = self.models[lead]
         self.config = self.model.config
         self._lead_types = list(getattr(self.config, "layer_types", None) or [])
-        self.reference_path = resolve_model_path(lead)
 
     def materialize(self, recipe: PathRecipe) -> torch.nn.Module:
         """The lead model with its layer list replaced by the recipe's path (no weight copied)."""
@@ -318,9 +315,8 @@ def path_config(recipe: PathRecipe, configs: dict[str, dict], out_dtype: str) ->
     if config.get("layer_types"):
         config["layer_types"] = [(configs[s.model].get("layer_types") or config["layer_types"])[s.layer]
                                  for s in recipe.path]
-    for key in ("max_window_layers",):  # qwen2: layers from this index on use sliding windows
-        if key in config and config[key] is not None:
-            config[key] = min(config[key], len(recipe.path))
+    if config.get("max_window_layers") is not None:  # qwen2: layers from this index on use sliding windows
+        config["max_window_layers"] = min(config["max_window_layers"], len(recipe.path))
     config.pop("auto_map", None)  # the export is a stock architecture: nothing to import from the folder
     config["dtype"] = config["torch_dtype"] = out_dtype
     return config

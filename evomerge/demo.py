@@ -230,19 +230,15 @@ def run_demo(out: str | Path, budget: int | None = None, config: str | Path | No
 
 def _dataflow_rows(out: Path, objective, progress: bool) -> dict:
     """Held-out scores of the DFS and PS+DFS winners (their campaigns run in OUT/dfs and OUT/hybrid)."""
-    from evomerge.campaign import CampaignRunner
-    from evomerge.config import parse_campaign
     from evomerge.errors import read_document
-    from evomerge.hybrid import StagedRunner, is_staged
+    from evomerge.hybrid import runner_for
 
     rows = {}
     for label, path in DATAFLOW_CONFIGS.items():
         data = read_document(path, "demo config", "campaign YAML file")
         if progress:
             print(f"\n{label}: {path.name}", flush=True)
-        runner = StagedRunner(data, out / label, progress, str(path)) if is_staged(data) else \
-            CampaignRunner(parse_campaign(data, str(path)), out / label, progress=progress)
-        front = runner.run().front
+        front = runner_for(data, out / label, progress, str(path)).run().front
         best = max(front, key=lambda m: m.objectives[objective.name])
         rows[label] = best.holdout
     return rows

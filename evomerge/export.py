@@ -42,7 +42,7 @@ def choose_candidate(folder: str | Path, candidate: int | None = None, best: str
     (fitness scores: held-out scores never choose a model)."""
     from dataclasses import asdict
 
-    from evomerge.view import open_campaign
+    from evomerge.view import front_rows, open_campaign
 
     journal, campaign = open_campaign(folder)
     try:
@@ -58,15 +58,11 @@ def choose_candidate(folder: str | Path, candidate: int | None = None, best: str
         objective = next((o for o in campaign.objectives if o.name == (best or names[0])), None)
         if objective is None:
             raise EvomergeError(f"--best {best!r}: the campaign's objectives are {', '.join(names)}")
-        done = journal.candidates("done")
-        if not done:
+        front = [row for row, _ in front_rows(journal, campaign)]  # holds the best on every objective
+        if not front:
             raise EvomergeError(f"{folder} has no finished candidate yet; continue it with `evomerge resume {folder}`")
-        # The earliest of equal bests, as the front reports it.
-        winner = done[0]
-        for row in done[1:]:
-            if objective.better(row.objectives[objective.name], winner.objectives[objective.name]):
-                winner = row
-        return asdict(winner)
+        sign = 1.0 if objective.direction == "maximize" else -1.0
+        return asdict(max(front, key=lambda r: sign * r.objectives[objective.name]))  # the earliest of ties
     finally:
         journal.close()
 

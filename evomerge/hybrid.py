@@ -72,7 +72,8 @@ def parse_stages(data: dict, origin: str = "config") -> list[tuple[str, dict]]:
                 config[key] = copy.deepcopy(value)
         config["name"] = f"{shared.get('name', 'campaign')}/{name}"
         earlier = [n for n, _ in out]
-        for src, ref in (config.get("sources") or {}).items() if isinstance(config.get("sources"), dict) else []:
+        sources = config.get("sources")
+        for src, ref in (sources.items() if isinstance(sources, dict) else []):
             if isinstance(ref, str) and ref.startswith(STAGE_REF) and ref[len(STAGE_REF):] not in earlier:
                 raise EvomergeError(f"config field '{where}.sources.{src}': {ref!r} names no earlier stage "
                                     f"(earlier: {', '.join(earlier) or 'none'})")
@@ -186,6 +187,15 @@ class StagedRunner:
                 pass
         note = json.dumps({"candidate": row["id"], "objectives": row["objectives"], "recipe": row["recipe"]}, indent=2)
         return write_recipe(recipe, out, overwrite=out.exists(), extra_files={"evomerge_winner.json": note})
+
+
+def runner_for(data: dict, folder: str | Path, progress: bool = True, origin: str = "config"):
+    """A runner (`.run()` -> Outcome) for a config: staged, or a single campaign."""
+    if is_staged(data):
+        return StagedRunner(data, folder, progress, origin)
+    from evomerge.campaign import CampaignRunner
+
+    return CampaignRunner(parse_campaign(data, origin), folder, progress=progress)
 
 
 def staged_status(folder: str | Path) -> list[str] | None:

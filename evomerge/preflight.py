@@ -129,11 +129,8 @@ def preflight(campaign: Campaign, build: bool = True, root: Path | None = None) 
                             f"{optimizer.population} candidates ({how}); raise the budget or set a smaller "
                             "optimizer.population")
 
-    # A path worker loads the lead first: its model is the shell every path runs in.
-    lead = resolved[space.reference_name]
-    worker_sources = list(sources.values()) if space.materializer == "merge" else \
-        [lead, *(s for s in sources.values() if s != lead)]
-    worker = WorkerSpec(worker_sources, base, campaign.fitness, campaign.holdout, campaign.dtype,
+    # In the space's order: a path space puts its lead first (its model is the shell paths run in).
+    worker = WorkerSpec(list(space.sources.values()), base, campaign.fitness, campaign.holdout, campaign.dtype,
                         device or "cpu", campaign.racing, dict(campaign.objectives[0].metrics),
                         space_block.get("component"), space.materializer)
     tokenizer, evaluators = _evaluators(campaign, worker, reference)

@@ -13,7 +13,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from safetensors.torch import save_file
 
 from evomerge.checkpoint import OUTPUT_MARKER, Checkpoint
 from evomerge.cli import main
+from killing import run_until
 
 
 @dataclass
@@ -511,20 +511,8 @@ def test_ctrl_c_during_a_run_says_how_to_resume(llama_family, tmp_path):
     c = Ctx(tmp_path, llama_family, tmp_path)
     config = c.config(lambda d: d.update(budget=400))
     folder = tmp_path / "campaign"
-    proc = subprocess.Popen([sys.executable, "-m", "evomerge", "run", str(config), "--out", str(folder), "--quiet"],
-                            env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    db = folder / "journal.sqlite"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if db.exists() and sqlite3.connect(db, timeout=1).execute(
-                    "SELECT COUNT(*) FROM candidates WHERE status = 'done'").fetchone()[0] >= 3:
-                break
-        except sqlite3.OperationalError:
-            pass
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc, _ = run_until(config, folder, folder / "journal.sqlite", 3, sig=signal.SIGINT, timeout=120,
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = proc.communicate(timeout=60)
     lines = [line for line in err.splitlines() if line.strip()]
     assert proc.returncode == 2, err

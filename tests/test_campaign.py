@@ -2,17 +2,16 @@
 
 import json
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import yaml
 
 from evomerge.archive import front_indices, hypervolume
+from killing import run_until
 from evomerge.campaign import CampaignRunner
 from evomerge.config import Objective, parse_campaign
 from evomerge.errors import EvomergeError
@@ -68,25 +67,8 @@ def test_sigkill_then_resume_loses_nothing_and_ends_on_the_same_front(llama_fami
     CampaignRunner(parse_campaign(yaml.safe_load(cfg.read_text())), ref_dir, progress=False).run()
 
     killed = tmp_path / "killed"
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "-m", "evomerge", "run", str(cfg), "--out", str(killed), "--quiet"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     db = killed / "journal.sqlite"
-    deadline = time.time() + 120
-    done_before = 0
-    while time.time() < deadline:
-        if db.exists():
-            try:
-                con = sqlite3.connect(db, timeout=1)
-                done_before = con.execute("SELECT COUNT(*) FROM candidates WHERE status = 'done'").fetchone()[0]
-                con.close()
-            except sqlite3.OperationalError:
-                done_before = 0
-            if done_before >= 13:
-                break
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _, done_before = run_until(cfg, killed, db, at_least=13, timeout=120)
     assert 13 <= done_before < 48, "the kill must land mid-campaign"
 
     con = sqlite3.connect(db)

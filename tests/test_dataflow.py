@@ -4,7 +4,6 @@ that stock transformers loads, DFS campaigns, staged PS+DFS campaigns and their 
 import json
 import os
 import re
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from evomerge.cli import main
 from evomerge.dataflow import PathBank, PathRecipe, Step, export_path
 from evomerge.errors import EvomergeError
 from evomerge.search_spaces.dfs import DataFlowSpace
+from killing import run_until
 
 # The fold is exact but for the RMS norms' epsilon: with eps 1e-12 the logits agree to float32
 # rounding (measured 9e-8); with the family's eps 1e-6, to 1e-4 of logits of size 0.5 (these tiny
@@ -288,22 +288,7 @@ def test_staged_campaign_sigkilled_in_stage_two_resumes_exactly(staged_reference
     config = tmp_path / "staged.yaml"
     config.write_text(yaml.safe_dump(staged_config(llama_family, dfs_budget=24)))
     folder = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "evomerge", "run", str(config), "--out", str(folder), "--quiet"],
-                            env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    db = folder / "dfs" / "journal.sqlite"
-    deadline, done = time.time() + 240, 0
-    while time.time() < deadline and done < 7:
-        if db.exists():
-            try:
-                con = sqlite3.connect(db, timeout=1)
-                done = con.execute("SELECT COUNT(*) FROM candidates WHERE status = 'done'").fetchone()[0]
-                con.close()
-            except sqlite3.OperationalError:
-                done = 0
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _, done = run_until(config, folder, folder / "dfs" / "journal.sqlite", 7, timeout=240)
     assert 7 <= done < 24, "the kill must land inside stage two"
     before = journal_rows(folder / "dfs")
     res = subprocess.run([sys.executable, "-m", "evomerge", "resume", str(folder), "--quiet"], capture_output=True,

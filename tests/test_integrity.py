@@ -10,7 +10,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -22,6 +21,8 @@ from evomerge.config import Objective, parse_campaign
 from evomerge.errors import EvomergeError
 from evomerge.journal import Journal
 from evomerge.view import campaign_status, front_members
+
+from killing import run_until  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -141,25 +142,7 @@ def test_one_dimensional_genome_runs_and_resumes(llama_family, tmp_path):
 
 
 def _kill_midway(config_path, folder, at_least):
-    proc = subprocess.Popen([sys.executable, "-m", "evomerge", "run", str(config_path), "--out", str(folder), "--quiet"],
-                            env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    db = folder / "journal.sqlite"
-    deadline = time.time() + 180
-    finished = 0
-    while time.time() < deadline and proc.poll() is None:
-        if db.exists():
-            try:
-                con = sqlite3.connect(db, timeout=1)
-                finished = con.execute("SELECT COUNT(*) FROM candidates WHERE status != 'pending'").fetchone()[0]
-                con.close()
-            except sqlite3.OperationalError:
-                finished = 0
-            if finished >= at_least:
-                break
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    return finished
+    return run_until(config_path, folder, folder / "journal.sqlite", at_least, "status != 'pending'")[1]
 
 
 def _snapshot(folder):
