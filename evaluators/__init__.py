@@ -15,6 +15,7 @@ campaign config or `evomerge eval` writes them:
     {task: "lm_eval:arc_easy", limit: 100, include_path: tasks/, metrics: [acc]}
     {task: "perplexity", path: corpus.jsonl, field: text}
     {task: "vqa", path: questions.jsonl, lang: ja}                # LLaVA-family models, ROUGE-L
+    {task: "simulate", seconds: 0.5, spread: 0.8, fail_rate: 0.1} # benchmarks and executor tests
 """
 
 from __future__ import annotations
@@ -49,9 +50,10 @@ _KEYS = {
     "lm_eval": {"task", "metrics", "limit", "include_path", "num_fewshot", "batch_size", "split"},
     "perplexity": {"task", "path", "field", "max_length", "batch_size", "limit", "split"},
     "vqa": {"task", "path", "lang", "split", "limit", "max_new_tokens", "batch_size", "images"},
+    "simulate": {"task", "seconds", "spread", "fail_rate", "seed", "split"},
 }
 TASKS = ("synthetic:<copy|reverse|sort|shift>", "synthetic-logprob:<task>", "mgsm[:<lang>]", "lm_eval:<task>",
-         "perplexity", "vqa")
+         "perplexity", "vqa", "simulate")
 
 
 def build_evaluator(spec: dict, tokenizer, where: str = "fitness") -> Evaluator:
@@ -98,6 +100,10 @@ def build_evaluator(spec: dict, tokenizer, where: str = "fitness") -> Evaluator:
                 raise EvomergeError(f"config field '{where}.path' is missing: the text or JSONL file to score")
             args.pop("split", None)
             return Perplexity(tokenizer, **args)
+        if family == "simulate":
+            from evomerge.evaluators.simulate import Simulate
+
+            return Simulate(**args)
         from evomerge.evaluators.vqa import VQA
 
         if "path" not in args:

@@ -1,4 +1,5 @@
-"""Benchmarks. `python -m evomerge.bench materialize --json`, `python -m evomerge.bench generate --json`
+"""Benchmarks. `python -m evomerge.bench materialize --json`, `python -m evomerge.bench generate --json`,
+`racing`, `path`, `executor` (engine overhead, busy fraction with and without the barrier, Ray throughput).
 
 materialize: for one family of local models (built once and cached), measures
   (a) the bound: torch clone of (sources + 1) x model bytes, what any merge must at least read;
@@ -244,6 +245,78 @@ def bench_path(args: argparse.Namespace) -> dict:
     return summary
 
 
+def _executor_run(fam: dict, executor: dict, fitness: list, budget: int, barrier: bool = True) -> dict:
+    """One campaign over the tiny family; engine time, worker time and busy fraction from its own clocks."""
+    from evomerge.campaign import CampaignRunner
+    from evomerge.config import parse_campaign
+    from evomerge.journal import Journal
+
+    cfg = {"name": "bench-executor", "seed": 0, "base": str(fam["base"]),
+           "sources": {f"e{i}": str(fam[f"expert{i}"]) for i in range(3)},
+           "search_space": {"kind": "ps", "method": "ties", "parameters": {"weight": [0.0, 1.0], "density": [0.1, 1.0]},
+                            "granularity": "groups"},
+           "optimizer": {"name": "cma", "population": 8}, "budget": budget, "barrier": barrier,
+           "objectives": [{"name": "lp", "metrics": ["reverse_logprob"]}], "fitness": fitness, "executor": executor}
+    with tempfile.TemporaryDirectory() as tmp:
+        runner = CampaignRunner(parse_campaign(cfg), Path(tmp) / "c", progress=False)
+        runner.run()
+        rows = Journal(Path(tmp) / "c").candidates()
+    t = runner.timing
+    work = sum((r.materialize_s or 0) + (r.eval_s or 0) for r in rows)
+    slots = runner._executor.slots
+    return {"workers": slots, "candidates": len(rows), "wall_s": round(t["wall_s"], 3),
+            "startup_s": round(t["startup_s"], 2),
+            "engine_ms_per_candidate": round((t["wall_s"] - t["waiting_s"]) / len(rows) * 1e3, 2),
+            "candidate_s": round(work / len(rows), 4),
+            "unaccounted_ms_per_candidate": round((t["wall_s"] * slots - work) / len(rows) * 1e3, 2),
+            "busy_fraction": round(work / (slots * t["wall_s"]), 3),
+            "candidates_per_s": round(len(rows) / t["wall_s"], 3)}
+
+
+def bench_executor(args: argparse.Namespace) -> dict:
+    """Engine overhead per candidate, worker busy fraction with and without the generation barrier under
+    uneven candidate times, and throughput on 1 and 2 Ray workers."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    torch.set_num_threads(args.threads)
+    fam = _family(Path(args.cache), 64, 4, 128, None, 3)
+    real = {"task": "synthetic-logprob:reverse", "split": "fitness", "n": args.examples}
+    even = [real, {"task": "simulate", "seconds": args.seconds}]
+    uneven = [real, {"task": "simulate", "seconds": args.seconds, "spread": args.spread}]
+    ray1 = {"kind": "ray", "num_workers": 1, "address": "local"}
+    ray2 = {"kind": "ray", "num_workers": 2, "address": "local"}
+    out: dict = {}
+    out["overhead_local"] = _executor_run(fam, {"kind": "local"}, even, args.budget)
+    out["overhead_ray_1"] = _executor_run(fam, ray1, even, args.budget)
+    out["barrier"] = _executor_run(fam, ray2, uneven, args.budget, barrier=True)
+    out["no_barrier"] = _executor_run(fam, ray2, uneven, args.budget, barrier=False)
+    cpu = [dict(real, n=args.cpu_examples)]
+    out["throughput_local"] = _executor_run(fam, {"kind": "local"}, cpu, args.budget)
+    out["throughput_ray_1"] = _executor_run(fam, ray1, cpu, args.budget)
+    out["throughput_ray_2"] = _executor_run(fam, ray2, cpu, args.budget)
+    for label, r in out.items():
+        print(f"{label:17s} {r['workers']} worker(s): {r['candidates']} candidates in {r['wall_s']:.1f} s "
+              f"(+{r['startup_s']:.1f} s start), {r['candidate_s'] * 1e3:.0f} ms each on a worker, engine "
+              f"{r['engine_ms_per_candidate']:.1f} ms/candidate, busy {r['busy_fraction']:.0%}, "
+              f"{r['candidates_per_s']:.2f} candidates/s")
+    local, ray_1 = out["overhead_local"], out["overhead_ray_1"]
+    summary = {
+        "engine_overhead_fraction": round(local["engine_ms_per_candidate"] / 1e3 / local["candidate_s"], 4),
+        "ray_overhead_fraction": round(ray_1["unaccounted_ms_per_candidate"] / 1e3 / ray_1["candidate_s"], 4),
+        "busy_fraction_barrier": out["barrier"]["busy_fraction"],
+        "busy_fraction_no_barrier": out["no_barrier"]["busy_fraction"],
+        "throughput_1_worker": out["throughput_ray_1"]["candidates_per_s"],
+        "throughput_2_workers": out["throughput_ray_2"]["candidates_per_s"],
+        "throughput_local": out["throughput_local"]["candidates_per_s"],
+        "runs": out,
+    }
+    print(f"engine overhead {summary['engine_overhead_fraction']:.2%} of a {local['candidate_s']:.2f} s candidate "
+          f"(local); everything outside the worker with Ray: {summary['ray_overhead_fraction']:.2%}; busy "
+          f"{summary['busy_fraction_barrier']:.0%} with the barrier, {summary['busy_fraction_no_barrier']:.0%} "
+          f"without; {summary['throughput_1_worker']:.2f} vs {summary['throughput_2_workers']:.2f} candidates/s on "
+          "1 vs 2 Ray workers")
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m evomerge.bench")
     sub = parser.add_subparsers(dest="what", required=True)
@@ -287,9 +360,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "evomerge-bench"))
     p.add_argument("--json", action="store_true")
+    e = sub.add_parser("executor", help="engine overhead, worker busy fraction with and without the barrier, "
+                                        "throughput on 1 and 2 Ray workers")
+    e.add_argument("--budget", type=int, default=32)
+    e.add_argument("--seconds", type=float, default=0.5, help="median simulated evaluation time per candidate")
+    e.add_argument("--spread", type=float, default=0.8, help="sigma of the log of the uneven times")
+    e.add_argument("--examples", type=int, default=16, help="real examples scored beside the simulated time")
+    e.add_argument("--cpu-examples", type=int, default=256, help="examples per candidate in the throughput runs")
+    e.add_argument("--threads", type=int, default=1, help="torch threads of the driver (each Ray worker has one)")
+    e.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "evomerge-bench"))
+    e.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     handlers = {"materialize": bench_materialize, "generate": bench_generate, "racing": bench_racing,
-                "path": bench_path}
+                "path": bench_path, "executor": bench_executor}
     summary = handlers[args.what](args)
     if args.json:
         print(json.dumps(summary))

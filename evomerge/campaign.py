@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evomerge import archive
-from evomerge.config import Campaign, config_diff, load_campaign
+from evomerge.config import Campaign, config_diff, load_campaign, parse_campaign, with_executor
 from evomerge.errors import EvomergeError, one_line
 from evomerge.executors import Executor, executor_kind
 from evomerge.journal import Journal
@@ -65,6 +65,10 @@ class CampaignRunner:
         self.sizes = self.plan.generation_sizes
         self.sources, self.base = self.plan.sources, self.plan.base
         self._executor = executor
+        # Reach the workers' world (a Ray cluster) before anything is written: a wrong address costs nothing.
+        self.session = executor_kind(campaign.executor["kind"]).prepare(campaign.executor) if executor is None else {}
+        # startup: workers starting; waiting: for results; the rest of wall is the engine's own time
+        self.timing = {"startup_s": 0.0, "wall_s": 0.0, "waiting_s": 0.0}
         self.lock = CampaignLock(self._make_folder()).acquire()
         try:
             self.journal = Journal(self.folder)
@@ -117,7 +121,8 @@ class CampaignRunner:
             kind = executor_kind(self.campaign.executor["kind"])
             try:
                 self._executor = kind.create(self.campaign.executor, self.plan.worker,
-                                             {"evaluators": self.plan.evaluators, "tokenizer": self.plan.tokenizer})
+                                             {"evaluators": self.plan.evaluators, "tokenizer": self.plan.tokenizer,
+                                              "root": str(self.root), "session": self.session})
             except EvomergeError:
                 raise
             except Exception as exc:  # out of memory loading the bank, a transformers error building the model
@@ -143,12 +148,16 @@ class CampaignRunner:
 
     def run(self) -> Outcome:
         bar = self._bar()
+        started = time.perf_counter()
         try:
-            for g, size in enumerate(self.sizes):
-                genomes = [[float(v) for v in x] for x in self.optimizer.ask()[:size]]
-                values = self._generation(g, genomes, bar)
-                self.optimizer.tell(genomes, [self.losses(values[s]) for s in range(size)])
-                self._checkpoint(g)
+            if self.journal.count("pending") or self.journal.count("done", "raced", "failed") < self.campaign.budget:
+                self.executor  # start the workers now: their start-up is not the engine's per-candidate time
+            self.timing["startup_s"] = time.perf_counter() - started
+            started = time.perf_counter()
+            if self.campaign.barrier:
+                self._run_generations(bar)
+            else:
+                self._run_async(bar)
             self._evaluate_holdout()
             self.journal.set("done", True)
         except KeyboardInterrupt:
@@ -156,11 +165,23 @@ class CampaignRunner:
             raise EvomergeError(f"interrupted; {n} of {self.campaign.budget} candidates are safe in "
                                 f"{self.journal.path}; continue with `evomerge resume {self.folder}`") from None
         finally:
+            self.timing["wall_s"] = time.perf_counter() - started
             if bar is not None:
                 bar.close()
+            if self._executor is not None:
+                self._executor.close()
             self.lock.release()
         return Outcome(self.journal.count("done", "raced", "failed"), front_members(self.journal, self.campaign),
                        self.folder)
+
+    def _run_generations(self, bar) -> None:
+        """With the barrier: a generation is asked whole and told whole, in ask order, whatever order its
+        results arrived in — so the campaign is the same on one worker or many."""
+        for g, size in enumerate(self.sizes):
+            genomes = [[float(v) for v in x] for x in self.optimizer.ask()[:size]]
+            values = self._generation(g, genomes, bar)
+            self.optimizer.tell(genomes, [self.losses(values[s]) for s in range(size)])
+            self._checkpoint(g, [r for r in self.journal.candidates("done") if r.generation <= g])
 
     def _generation(self, g: int, genomes: list[list[float]], bar) -> dict[int, dict | None]:
         """Evaluate what the journal does not hold yet; return each slot's objectives (None: failed)."""
@@ -192,43 +213,112 @@ class CampaignRunner:
         for res in self._run_tasks(todo):
             slot = slot_of[res.cid]
             values[slot] = self._record(res)
-            if bar is not None:
-                bar.update(1)
-                if values[slot] is not None and not res.raced:
-                    self._postfix(bar, values[slot])
+            self._progress(bar, res, values[slot])
         return values
 
-    def _run_tasks(self, tasks: list[Task]):
-        """Submit tasks and yield their results; infrastructure failures are retried, then stop the campaign."""
-        retries = int(self.campaign.executor.get("retries", 2))
-        failures: dict[int, int] = {}
-        by_id = {t.cid: t for t in tasks}
-        for task in tasks:
-            if task.role == FITNESS:  # attempts count fitness evaluations (held-out scoring is not a retry)
-                self.journal.mark_started(task.cid)
-            self.executor.submit(task)
-        outstanding = set(by_id)
-        while outstanding:
-            for res in self.executor.collect():
-                if res.error_kind == "infrastructure":
-                    self.journal.record_infrastructure_error(res.cid, res.error)
-                    failures[res.cid] = failures.get(res.cid, 0) + 1
-                    if not res.retryable or failures[res.cid] > retries:
-                        raise EvomergeError(
-                            f"candidate #{res.cid} failed for a reason not its own ({res.error}) "
-                            f"{failures[res.cid]} time(s); nothing about it was told to the optimizer. Fix the "
-                            f"cause, then continue with `evomerge resume {self.folder}`")
-                    if res.role == FITNESS:
-                        self.journal.mark_started(res.cid)
-                    self.executor.submit(by_id[res.cid])
-                    continue
-                outstanding.discard(res.cid)
-                yield res
+    def _run_async(self, bar) -> None:
+        """No barrier: a genome is asked whenever a worker is free and each result is told as it arrives.
 
-    def _record(self, res: Result) -> dict | None:
+        Resume replays the journal's order of events: before candidate k was asked, `asked_after`
+        results had been told, and each result's `told` is its place in that order; replaying asks
+        and tells in that interleaving rebuilds the optimizer exactly (checked genome by genome and
+        by the checkpoint digests every `population` tells). Candidates asked but unfinished are
+        evaluated again. Nominal generations (ask index // population) index the journal and `status`.
+        """
+        pop, budget = self.population, self.campaign.budget
+        rows = self.journal.candidates()
+        told = sorted((r for r in rows if r.told is not None), key=lambda r: r.told)
+        self._told, self._best_full = 0, None
+        for row in rows:
+            while self._told < (row.asked_after or 0):
+                self._tell_row(told[self._told])
+            genome, incumbent = self.optimizer.ask_one(), self._best_full
+            if row.asked_after is None or genome != row.genome or (self.campaign.racing and row.incumbent != incumbent):
+                raise EvomergeError(f"journal diverged at candidate #{row.id}: the optimizer now asks a different "
+                                    "genome (or racing bar) than the journal holds; the journal was written by a "
+                                    "different version")
+        while self._told < len(told):
+            self._tell_row(told[self._told])
+
+        tasks = {r.id: Task(r.id, r.recipe, FITNESS, r.incumbent) for r in rows if r.status == "pending"}
+        genome_of = {r.id: r.genome for r in rows}
+        for task in tasks.values():
+            self._submit(task)
+        failures: dict[int, int] = {}
+        asked = len(rows)
+        while asked < budget or self.executor.outstanding():
+            while asked < budget and self.executor.outstanding() < self.executor.slots:
+                genome = self.optimizer.ask_one()
+                recipe = self.space.decode(genome).to_dict()
+                cid = self.journal.add_pending(asked // pop, asked % pop, genome, recipe, self._best_full,
+                                               asked_after=self._told)
+                tasks[cid], genome_of[cid] = Task(cid, recipe, FITNESS, self._best_full), genome
+                self._submit(tasks[cid])
+                asked += 1
+            res = self._next_result(tasks, failures)
+            objectives = self._record(res, told=self._told)
+            self._tell(genome_of[res.cid], objectives, raced=res.raced)
+            self._progress(bar, res, objectives)
+
+    def _tell_row(self, row) -> None:
+        self._tell(row.genome, row.objectives if row.status != "failed" else None, raced=row.status == "raced")
+
+    def _tell(self, genome: list[float], objectives: dict | None, raced: bool) -> None:
+        """Tell one result (asynchronous mode), keep racing's bar, checkpoint every `population` tells."""
+        self.optimizer.tell_one(genome, self.losses(objectives))
+        first = self.campaign.objectives[0]
+        if objectives is not None and not raced and \
+                (self._best_full is None or first.better(objectives[first.name], self._best_full)):
+            self._best_full = objectives[first.name]
+        self._told += 1
+        if self._told % self.population == 0:
+            told = self._told
+            self._checkpoint(told // self.population - 1,
+                             [r for r in self.journal.candidates("done") if r.told is not None and r.told < told])
+
+    def _progress(self, bar, res: Result, objectives: dict | None) -> None:
+        if bar is not None:
+            bar.update(1)
+            if objectives is not None and not res.raced:
+                self._postfix(bar, objectives)
+
+    def _submit(self, task: Task) -> None:
+        if task.role == FITNESS:  # attempts count fitness evaluations (held-out scoring is not a retry)
+            self.journal.mark_started(task.cid)
+        self.executor.submit(task)
+
+    def _next_result(self, tasks: dict[int, Task], failures: dict[int, int]) -> Result:
+        """The next result that is not an infrastructure failure: those are resubmitted, or stop the campaign."""
+        retries = int(self.campaign.executor.get("retries", 2))
+        while True:
+            waited = time.perf_counter()
+            res = self.executor.next_result()
+            self.timing["waiting_s"] += time.perf_counter() - waited
+            if res.error_kind != "infrastructure":
+                return res
+            self.journal.record_infrastructure_error(res.cid, res.error)
+            failures[res.cid] = failures.get(res.cid, 0) + 1
+            if not res.retryable or failures[res.cid] > retries:
+                raise EvomergeError(
+                    f"candidate #{res.cid} failed for a reason not its own ({res.error}) "
+                    f"{failures[res.cid]} time(s); nothing about it was told to the optimizer. Fix the "
+                    f"cause, then continue with `evomerge resume {self.folder}`")
+            self._submit(tasks[res.cid])
+
+    def _run_tasks(self, tasks: list[Task]):
+        """Submit tasks and yield their results as they finish; infrastructure failures are retried."""
+        by_id = {t.cid: t for t in tasks}
+        failures: dict[int, int] = {}
+        for task in tasks:
+            self._submit(task)
+        for _ in tasks:
+            yield self._next_result(by_id, failures)
+
+    def _record(self, res: Result, told: int | None = None) -> dict | None:
         """Journal one fitness result; the objectives told to the optimizer (None: failed on its own)."""
         if res.error_kind == "candidate":
-            self.journal.record_result(res.cid, None, None, None, res.error, res.materialize_s, res.eval_s)
+            self.journal.record_result(res.cid, None, None, None, res.error, res.materialize_s, res.eval_s,
+                                       told=told)
             return None
         try:
             objectives = self.objectives_of(res.metrics)
@@ -238,10 +328,11 @@ class CampaignRunner:
         bad = {k: v for k, v in objectives.items() if not math.isfinite(v)}
         if bad:
             self.journal.record_result(res.cid, res.metrics, res.identity, None,
-                                       f"non-finite objective(s) {bad}", res.materialize_s, res.eval_s, res.examples)
+                                       f"non-finite objective(s) {bad}", res.materialize_s, res.eval_s, res.examples,
+                                       told=told)
             return None
         self.journal.record_result(res.cid, res.metrics, res.identity, objectives, None, res.materialize_s,
-                                   res.eval_s, res.examples, res.raced)
+                                   res.eval_s, res.examples, res.raced, told)
         return objectives
 
     def incumbent(self, g: int) -> float | None:
@@ -257,7 +348,8 @@ class CampaignRunner:
         done = [r.objectives[name] for r in self.journal.candidates("done") if r.generation < g]
         return max(done) if done else None
 
-    def _checkpoint(self, g: int) -> None:
+    def _checkpoint(self, g: int, done: list) -> None:
+        """Checkpoint `g` (after generation g, or after (g + 1) * population tells), or check it on resume."""
         cp = self.optimizer.checkpoint()
         stored = self.journal.checkpoint(g)
         if stored is not None:
@@ -265,7 +357,6 @@ class CampaignRunner:
                 raise EvomergeError(f"resume diverged: the optimizer state after generation {g} differs from the "
                                     "journal's checkpoint; the journal was written by a different version or config")
             return
-        done = [r for r in self.journal.candidates("done") if r.generation <= g]
         reference = self.hv_reference(done)
         hv = archive.hypervolume(self.campaign.objectives, [r.objectives for r in done], reference) if reference else 0.0
         self.journal.add_checkpoint(g, len(done), cp, hv)
@@ -342,7 +433,10 @@ def run_campaign(config_path: str | Path, out: str | Path, progress: bool = True
     return CampaignRunner(load_campaign(config_path), out, progress=progress).run()
 
 
-def resume_campaign(folder: str | Path, progress: bool = True) -> Outcome:
+def resume_campaign(folder: str | Path, progress: bool = True, executor: dict | None = None) -> Outcome:
+    """Continue a campaign; `executor` overrides where its candidates run (a campaign may change executors)."""
     journal, campaign = open_campaign(folder)
     journal.close()
+    if executor:
+        campaign = parse_campaign(with_executor(campaign.raw, executor), f"{folder}/journal.sqlite")
     return CampaignRunner(campaign, folder, progress=progress).run()

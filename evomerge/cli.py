@@ -51,12 +51,20 @@ def _tiny(args: argparse.Namespace) -> None:
         print(f"{name}: {path}")
 
 
+def _executor_flags(args: argparse.Namespace) -> dict | None:
+    """--executor / --address / --num-workers as an override of the config's executor block."""
+    flags = {"kind": args.executor, "address": args.address, "num_workers": args.num_workers}
+    return {k: v for k, v in flags.items() if v is not None} or None
+
+
 def _run(args: argparse.Namespace) -> None:
-    from evomerge.config import parse_campaign
+    from evomerge.config import parse_campaign, with_executor
     from evomerge.errors import read_document
     from evomerge.hybrid import StagedRunner, is_staged, runner_for
 
     data = read_document(args.config, "config", "campaign YAML file")
+    if isinstance(data, dict):
+        data = with_executor(data, _executor_flags(args))
     if args.dry_run:
         from evomerge.preflight import describe, preflight
 
@@ -81,7 +89,7 @@ def _resume(args: argparse.Namespace) -> None:
     from evomerge.view import front_lines
 
     resume = resume_staged if is_staged_folder(args.dir) else resume_campaign
-    out = resume(args.dir, progress=not args.quiet)
+    out = resume(args.dir, progress=not args.quiet, executor=_executor_flags(args))
     print("\n".join(front_lines(out.front)))
 
 
@@ -140,6 +148,13 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def _add_executor_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--executor", choices=["local", "ray"], help="where candidates run (overrides the config's executor)")
+    p.add_argument("--address", help="Ray cluster: local (a private instance, the default), auto (the cluster started "
+                                     "with `ray start` on this machine), host:port or ray://host:10001")
+    p.add_argument("--num-workers", type=int, help="Ray workers (default: as many as the cluster's GPUs or CPUs hold)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="evomerge", description="Evolutionary model-merge search.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -167,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true",
                    help="check everything and print the plan (genome, candidates, evaluators, memory); load nothing")
     r.add_argument("--quiet", action="store_true")
+    _add_executor_flags(r)
     r.set_defaults(func=_run)
     for name, func, flag, text in (
         ("resume", _resume, "--quiet", "continue a stopped or killed campaign exactly where it was"),
@@ -176,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
         r = sub.add_parser(name, help=text)
         r.add_argument("dir", help="campaign folder")
         r.add_argument(flag, action="store_true")
+        if name == "resume":
+            _add_executor_flags(r)
         r.set_defaults(func=func)
     r = sub.add_parser("demo", help="train a tiny model family locally and run a real merge campaign on it")
     r.add_argument("--out", default="runs/demo")

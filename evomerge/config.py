@@ -12,7 +12,8 @@
     fitness: [{task: synthetic:reverse, split: fitness, n: 100}, ...]
     holdout: [{task: synthetic:reverse, split: holdout, n: 300}, ...]
     holdout_max: 8                     # front members scored on the held-out evaluators
-    executor: {kind: local, device: cpu}
+    executor: {kind: local, device: cpu}   # or {kind: ray, address: auto, num_workers: 4, num_gpus_per_worker: 1}
+    barrier: true                      # false: no generation barrier (workers refilled at once; see campaign.py)
 
 This module checks the generic fields. The `search_space` block is checked by the space its
 `kind` names, the `executor` block by its executor kind, and evaluator specs when pre-flight
@@ -33,7 +34,7 @@ from evomerge.recipe import DTYPES
 
 DIRECTIONS = ("maximize", "minimize")
 TOP_LEVEL = ("name", "seed", "base", "sources", "search_space", "optimizer", "budget", "objectives", "fitness",
-             "holdout", "holdout_max", "executor", "dtype", "racing")
+             "holdout", "holdout_max", "executor", "dtype", "racing", "barrier")
 OBJECTIVE_KEYS = ("name", "metrics", "direction", "reference")
 MAX_SEED = 2**31 - 2  # pycma seeds with seed + 1 and needs it below 2^32; one bound everywhere
 MAX_BUDGET = 10_000_000
@@ -70,6 +71,7 @@ class Campaign:
     dtype: str = "float32"
     racing: dict | None = None  # {stages: [fractions], z: float}; see evomerge.racing
     holdout_max: int = 8
+    barrier: bool = True  # False: ask and tell one candidate at a time, keeping every worker busy
     raw: dict = field(default_factory=dict)  # the config as given: what the journal stores and compares
 
     @property
@@ -284,6 +286,10 @@ def parse_campaign(data: Any, origin: str = "config") -> Campaign:
 
     executor = _block(data, "executor", {"kind": "local"})
     executor = executor_kind(executor.get("kind", "local")).validate(executor, "executor")
+    barrier = data.get("barrier", True)
+    if not isinstance(barrier, bool):
+        raise _fail("barrier", barrier, "true (generations, the same front on any executor) or false (no "
+                    "generation barrier: every worker kept busy)")
 
     return Campaign(
         name=name,
@@ -300,8 +306,24 @@ def parse_campaign(data: Any, origin: str = "config") -> Campaign:
         dtype=dtype,
         racing=parse_racing(data.get("racing"), objectives),
         holdout_max=holdout_max,
+        barrier=barrier,
         raw=raw,
     )
+
+
+def with_executor(data: dict, override: dict | None) -> dict:
+    """The config with its executor block changed by command-line flags (--executor, --address, --num-workers).
+    Another kind starts from a fresh block (keeping `retries`); the result is validated like any config."""
+    if not override:
+        return data
+    block = dict(data.get("executor") or {}) if isinstance(data.get("executor"), dict) else {}
+    kind = override.get("kind", block.get("kind", "local"))
+    if kind != block.get("kind", "local"):
+        block = {k: v for k, v in block.items() if k == "retries"}
+    block.update(override, kind=kind)
+    if kind != "ray" and {"address", "num_workers"} & set(override):
+        raise EvomergeError("--address and --num-workers apply to Ray workers; add --executor ray")
+    return dict(data, executor=block)
 
 
 def load_campaign(path: str | Path) -> Campaign:
@@ -309,9 +331,12 @@ def load_campaign(path: str | Path) -> Campaign:
 
 
 def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Human-readable differences between two raw configs: 'budget: 40 -> 80'."""
+    """Human-readable differences between two raw configs: 'budget: 40 -> 80'. The `executor` block
+    says where candidates run, not what the campaign is, so a campaign may move between executors."""
     out = []
     for key in sorted(set(old) | set(new), key=str):
+        if key == "executor":
+            continue
         a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
         if isinstance(a, dict) and isinstance(b, dict):
             out += config_diff(a, b, f"{prefix}{key}.")

@@ -1,13 +1,16 @@
-"""Executors: where workers live. The interface is submit / collect; kinds plug in by registration.
+"""Executors: where workers live. The interface is submit / next_result; kinds plug in by registration.
 
-The driver submits Tasks and takes Results as they finish, in any order. An executor never
+The driver submits Tasks and takes Results as they finish, in any order; `slots` says how many
+candidates run at once, so the campaign knows when a worker is free. An executor never
 interprets a result (that is the campaign's job) and never writes the journal (the driver alone
-does). `local` (the default) runs one Worker in this process on one device; a Ray executor with
-GPU actors registers the same way under `executor.kind: ray`.
+does); a worker it lost comes back as an infrastructure Result for the campaign to retry.
+`local` (the default) runs one Worker in this process on one device; `ray`
+(`evomerge.ray_executor`) runs one actor per worker on a Ray cluster.
 
 Each kind validates its own config block:
 
     executor: {kind: local, device: cpu, retries: 2}
+    executor: {kind: ray, address: auto, num_workers: 8, num_gpus_per_worker: 1, timeout: 1800}
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from evomerge.worker import Result, Task, Worker, WorkerSpec
 class Executor:
     kind: str = ""
     KEYS: tuple[str, ...] = ("kind", "retries")
+    slots: int = 1  # candidates that run at once
 
     @classmethod
     def validate(cls, block: dict, where: str = "executor") -> dict:
@@ -34,6 +38,12 @@ class Executor:
         return dict(block, kind=cls.kind, retries=retries)
 
     @classmethod
+    def prepare(cls, block: dict) -> dict:
+        """Checks that need the outside world (a cluster to reach), run before the campaign writes anything.
+        What it returns reaches `create` as prepared["session"]."""
+        return {}
+
+    @classmethod
     def create(cls, block: dict, spec: WorkerSpec, prepared: dict | None = None) -> "Executor":
         """An executor for this block. `prepared`: objects the driver already built (evaluators, tokenizer)."""
         raise NotImplementedError
@@ -41,9 +51,18 @@ class Executor:
     def submit(self, task: Task) -> None:
         raise NotImplementedError
 
+    def outstanding(self) -> int:
+        """Tasks submitted whose results have not been returned yet."""
+        raise NotImplementedError
+
+    def next_result(self) -> Result:
+        """Block until a submitted task finishes; its Result (a lost worker is an infrastructure Result)."""
+        raise NotImplementedError
+
     def collect(self) -> Iterator[Result]:
         """Yield results as candidates finish, until nothing submitted is left."""
-        raise NotImplementedError
+        while self.outstanding():
+            yield self.next_result()
 
     def close(self) -> None:
         """Release workers and memory."""
@@ -94,6 +113,12 @@ class LocalExecutor(Executor):
     def submit(self, task: Task) -> None:
         self.queue.append(task)
 
-    def collect(self) -> Iterator[Result]:
-        while self.queue:
-            yield self.worker.run(self.queue.popleft())
+    def outstanding(self) -> int:
+        return len(self.queue)
+
+    def next_result(self) -> Result:
+        return self.worker.run(self.queue.popleft())
+
+
+# Kinds that live in their own module (and import their heavy library only when used).
+from evomerge import ray_executor  # noqa: E402,F401  registers "ray"

@@ -219,8 +219,11 @@ def staged_status(folder: str | Path) -> list[str] | None:
     return lines
 
 
-def resume_staged(folder: str | Path, progress: bool = True):
-    return StagedRunner(_marker_data(Path(folder)), folder, progress, str(Path(folder) / MARKER)).run()
+def resume_staged(folder: str | Path, progress: bool = True, executor: dict | None = None):
+    from evomerge.config import with_executor
+
+    data = with_executor(_marker_data(Path(folder)), executor)
+    return StagedRunner(data, folder, progress, str(Path(folder) / MARKER)).run()
 
 
 def is_staged_folder(folder: str | Path) -> bool:

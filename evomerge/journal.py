@@ -35,6 +35,8 @@ CREATE TABLE IF NOT EXISTS candidates (
     error_kind TEXT,                   -- candidate (told as a penalty) | infrastructure (never told)
     last_error TEXT,                   -- the latest infrastructure error while the candidate was pending
     incumbent REAL,                    -- racing: the best full objective before this generation
+    asked_after INTEGER,               -- no barrier: results told to the optimizer before this one was asked
+    told INTEGER,                      -- no barrier: its place in the order results were told (0, 1, ...)
     attempts INTEGER NOT NULL DEFAULT 0,
     examples INTEGER,                  -- examples scored for the fitness metrics
     materialize_s REAL,
@@ -55,7 +57,8 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 
 
 # Columns added after the first release: (name, type) added to older journals on open.
-ADDED_COLUMNS = (("error_kind", "TEXT"), ("last_error", "TEXT"), ("incumbent", "REAL"))
+ADDED_COLUMNS = (("error_kind", "TEXT"), ("last_error", "TEXT"), ("incumbent", "REAL"), ("asked_after", "INTEGER"),
+                 ("told", "INTEGER"))
 
 
 @dataclass
@@ -79,6 +82,8 @@ class CandidateRow:
     last_error: str | None = None
     incumbent: float | None = None
     identity: list | None = None
+    asked_after: int | None = None
+    told: int | None = None
 
 
 class _BadValue(Exception):
@@ -202,7 +207,7 @@ class Journal:
         try:
             row = CandidateRow(r[0], r[1], r[2], _loads(r[3]), _loads(r[4]), r[5], _loads(r[6]), _loads(r[7]),
                                _loads(r[8]), r[9], r[10], r[11], r[12], r[13], r[14], r[15], r[16], r[17],
-                               _loads(r[18]))
+                               _loads(r[18]), r[19], r[20])
         except _BadValue as exc:
             raise damaged(self.path, exc) from None
         finished = row.status in ("done", "raced")
@@ -212,7 +217,8 @@ class Journal:
         return row
 
     _COLUMNS = ("id, generation, slot, genome, recipe, status, metrics, objectives, holdout, error, attempts, "
-                "materialize_s, eval_s, finished, examples, error_kind, last_error, incumbent, metric_identity")
+                "materialize_s, eval_s, finished, examples, error_kind, last_error, incumbent, metric_identity, "
+                "asked_after, told")
 
     def candidate(self, cid: int) -> CandidateRow | None:
         r = self.db.execute(f"SELECT {self._COLUMNS} FROM candidates WHERE id = ?", (cid,)).fetchone()
@@ -231,11 +237,11 @@ class Journal:
         return [self._row(r) for r in self.db.execute(q + " ORDER BY id", args)]
 
     def add_pending(self, generation: int, slot: int, genome: list[float], recipe: dict,
-                    incumbent: float | None = None) -> int:
+                    incumbent: float | None = None, asked_after: int | None = None) -> int:
         cur = self.db.execute(
-            "INSERT INTO candidates (generation, slot, genome, recipe, status, incumbent, created) "
-            "VALUES (?, ?, ?, ?, 'pending', ?, ?)",
-            (generation, slot, json.dumps(genome), json.dumps(recipe), incumbent, time.time()),
+            "INSERT INTO candidates (generation, slot, genome, recipe, status, incumbent, asked_after, created) "
+            "VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)",
+            (generation, slot, json.dumps(genome), json.dumps(recipe), incumbent, asked_after, time.time()),
         )
         return int(cur.lastrowid)
 
@@ -248,14 +254,15 @@ class Journal:
 
     def record_result(self, cid: int, metrics: dict | None, identity: list | None, objectives: dict | None,
                       error: str | None, materialize_s: float | None, eval_s: float | None,
-                      examples: int | None = None, raced: bool = False) -> None:
-        """A finished candidate: done, raced (stopped early) or failed on its own (`error`)."""
+                      examples: int | None = None, raced: bool = False, told: int | None = None) -> None:
+        """A finished candidate: done, raced (stopped early) or failed on its own (`error`). `told`: its
+        place in the order results are told (without a barrier), committed with the result itself."""
         status = "failed" if error else ("raced" if raced else "done")
         self.db.execute(
             "UPDATE candidates SET status = ?, metrics = ?, metric_identity = ?, objectives = ?, error = ?, "
-            "error_kind = ?, materialize_s = ?, eval_s = ?, examples = ?, finished = ? WHERE id = ?",
+            "error_kind = ?, materialize_s = ?, eval_s = ?, examples = ?, told = ?, finished = ? WHERE id = ?",
             (status, _dumps(metrics), json.dumps(identity) if identity else None, _dumps(objectives), error,
-             "candidate" if error else None, materialize_s, eval_s, examples, time.time(), cid),
+             "candidate" if error else None, materialize_s, eval_s, examples, told, time.time(), cid),
         )
 
     def examples_scored(self) -> int:

@@ -14,6 +14,16 @@ told them as a smaller offspring set (pymoo's survival accepts one); CMA-ES is n
 update assumes a full population and refuses fewer than 3) — the campaign ends after that
 generation, so nothing would be asked from the updated state anyway.
 
+Without a generation barrier (`barrier: false`, for executors with several workers) the campaign
+asks one genome whenever a worker is free and tells each result as it arrives: `ask_one` and
+`tell_one`. nevergrad does that natively. CMA-ES and NSGA-II are generational, so they ask a
+population ahead and hand it out one genome at a time; when a generation's tail is still running
+and a worker is free, they sample more genomes from the current (not yet updated) state; results
+are buffered in the order they arrive, and every `population` of them is one update, whichever
+sample they came from — the asynchronous ES of the literature (pycma accepts solutions from an
+earlier ask; pymoo's survival merges any offspring). After an update the unused samples of the
+old state are dropped. With one worker this is exactly the generational loop.
+
 Optimizers register by name (`cma`, `nsga2`, `nevergrad:<Name>`): a new one is one class and one
 `register_optimizer` call.
 """
@@ -59,6 +69,17 @@ class Optimizer:
         self._rng = np.random.get_state(), random.getstate()
         np.random.set_state(saved[0])
         random.setstate(saved[1])
+        self._ahead: list[list[float]] = []  # asked ahead, not handed out yet
+        self._arrived: list[tuple] = []  # results not yet told (fewer than a population)
+        self._sent: list[tuple] = []  # (genome, the library's object for it), for every genome handed out
+
+    def _take(self, genome: list[float]):
+        """The library's object for a genome handed out earlier (a list: two samples clipped to one corner can tie)."""
+        for i, (g, obj) in enumerate(self._sent):
+            if g == genome:
+                del self._sent[i]
+                return obj
+        raise EvomergeError("the optimizer was told a genome it never asked (the journal and the optimizer disagree)")
 
     @contextmanager
     def _own_rng(self):
@@ -75,6 +96,31 @@ class Optimizer:
     def ask(self) -> list[np.ndarray]:
         with self._own_rng():
             return [np.clip(np.asarray(x, dtype=float), 0.0, 1.0) for x in self._ask()]
+
+    # -- asynchronous use: one genome at a time, results told as they arrive --------------------
+
+    def ask_one(self) -> list[float]:
+        if not self._ahead:
+            self._ahead = [[float(v) for v in x] for x in self.ask()]
+            self._remember(self._ahead)
+        return self._ahead.pop(0)
+
+    def tell_one(self, genome: list[float], loss: list[float]) -> None:
+        """Buffer one result; every `population` results are one update of the state."""
+        self._arrived.append((genome, loss))
+        if len(self._arrived) < self.population:
+            return
+        batch, self._arrived = self._arrived[: self.population], self._arrived[self.population:]
+        with self._own_rng():
+            self._tell_async([g for g, _ in batch], np.asarray([loss for _, loss in batch], dtype=float)
+                             .reshape(len(batch), self.n_obj))
+        self._ahead = []  # samples of the old state: the next ask samples the updated one
+
+    def _remember(self, genomes: list[list[float]]) -> None:
+        """Keep the library's own objects for asked genomes (its tell needs them, whichever ask made them)."""
+
+    def _tell_async(self, genomes, losses) -> None:
+        raise NotImplementedError
 
     def tell(self, genomes: list[np.ndarray], losses: list[list[float]]) -> None:
         """Tell the results of the asked genomes, in ask order; fewer than asked at a partial last generation."""
@@ -121,6 +167,12 @@ class CMAES(Optimizer):
             return  # a partial last generation: see the module docstring
         self.es.tell(self._asked, [float(v) for v in losses[:, 0]])
 
+    def _remember(self, genomes):
+        self._sent += list(zip(genomes, self._asked))
+
+    def _tell_async(self, genomes, losses):
+        self.es.tell([self._take(g) for g in genomes], [float(v) for v in losses[:, 0]])
+
     def _state(self):
         return {"kind": "cma", "iteration": int(self.es.countiter), "mean": _round(self.es.mean),
                 "sigma": float(f"{self.es.sigma:.12g}")}
@@ -155,6 +207,19 @@ class Nevergrad(Optimizer):
         self._told += len(self._pending)
         self._pending = []
 
+    def ask_one(self) -> list[float]:
+        with self._own_rng():
+            cand = self.opt.ask()
+        genome = [float(v) for v in np.clip(np.asarray(cand.value, dtype=float), 0.0, 1.0)]
+        self._sent.append((genome, cand))
+        return genome
+
+    def tell_one(self, genome: list[float], loss: list[float]) -> None:
+        """nevergrad takes results one at a time, in any order."""
+        with self._own_rng():
+            self.opt.tell(self._take(genome), float(loss[0]) if self.n_obj == 1 else [float(v) for v in loss])
+        self._told += 1
+
     def _state(self):
         rec = self.opt.provide_recommendation().value if self._told else None
         return {"kind": f"nevergrad:{self.name}", "told": self._told,
@@ -184,6 +249,18 @@ class NSGA2(Optimizer):
         from pymoo.problems.static import StaticProblem
 
         offspring = self._pop[: len(genomes)]
+        Evaluator().eval(StaticProblem(self.problem, F=losses), offspring)
+        self.algo.tell(infills=offspring)
+
+    def _remember(self, genomes):
+        self._sent += list(zip(genomes, self._pop))
+
+    def _tell_async(self, genomes, losses):
+        from pymoo.core.evaluator import Evaluator
+        from pymoo.core.population import Population
+        from pymoo.problems.static import StaticProblem
+
+        offspring = Population.create(*[self._take(g) for g in genomes])
         Evaluator().eval(StaticProblem(self.problem, F=losses), offspring)
         self.algo.tell(infills=offspring)
 

@@ -295,8 +295,15 @@ def describe(plan: Plan) -> list[str]:
         lines.append(f"objective {o.name} = {terms} ({o.direction})")
     if c.racing:
         lines.append(f"racing: stages {c.racing['stages']}, z {c.racing['z']}")
+    ex = c.executor
+    where = ", ".join(f"{k} {v}" for k, v in ex.items() if k not in ("kind", "retries") and v is not None)
+    lines.append(f"executor: {ex['kind']}" + (f" ({where})" if where else "") + "; "
+                 + ("generations with a barrier" if c.barrier else "no generation barrier (asked and told one by one)"))
     m = plan.memory
     device = plan.worker.device
+    if ex["kind"] != "local":  # each worker holds its own bank on its own device, wherever Ray places it
+        lines.append(f"memory per worker ({c.dtype}): {m['detail']}; total ~{_size(m['total'])}")
+        return lines
     avail = available_memory(device)
     lines.append(f"memory on {device} ({c.dtype}): {m['detail']}; total ~{_size(m['total'])}"
                  + (f" of {_size(avail)} available" if avail else ""))
