@@ -2,7 +2,8 @@
 
 Start-up, in order, so that a mistake costs nothing and leaves nothing behind:
 1. pre-flight (`evomerge.preflight`): models from their headers, the search space, the optimizer,
-   the evaluators, the memory estimate — no tensor read, nothing written;
+   the evaluators, the memory estimate — no tensor read, nothing written — and the executor's
+   own checks (`prepare`: a Ray cluster reached and able to hold a worker);
 2. the campaign lock (one runner per folder), then the journal: a new folder stores the config
    and the models' provenance only now; an existing one must hold the same config and models.
 
@@ -14,7 +15,9 @@ it arrives; only then is the optimizer told. Resume replays the same loop: the o
 deterministic given its seed and the journaled results, so it asks the same genomes again;
 those already in the journal are reused (never evaluated twice), and each generation's genomes,
 incumbents and optimizer checkpoint digest must match the journal, or resume stops instead of
-silently diverging.
+silently diverging. That is the barrier (`barrier: true`, the default); without it
+(`barrier: false`) genomes are asked one at a time as workers free up and results told as they
+arrive, and resume replays the journaled interleaving of asks and tells (`_run_async`).
 
 Failures: a candidate that fails on its own (NaN scores, an evaluator's CandidateError) is
 journaled as failed and told as a penalty. An infrastructure failure (out of memory, a lost

@@ -163,6 +163,7 @@ class RayExecutor(Executor):
             self.queue: deque[Task] = deque()
             self.finished: deque[Result] = deque()  # results made here (timeouts), handed out first
             self.replaced = 0
+            self.lost_at_start = 0
             self.info: dict[int, dict] = {}  # worker -> {pid, host, node} once it is up
             for i in range(self.slots):
                 self._start(i)
@@ -200,7 +201,12 @@ class RayExecutor(Executor):
         i, _ = self.starting.pop(ref)
         try:
             info = self.ray.get(ref)
-        except self.ray.exceptions.RayActorError:  # its node went away while it loaded: start another
+        except self.ray.exceptions.RayActorError as exc:  # its process or node went away while it loaded
+            self.lost_at_start += 1
+            if self.lost_at_start > 2 + self.slots:  # not bad luck: e.g. killed for memory on every start
+                raise EvomergeError(f"Ray workers died while loading their models {self.lost_at_start} times (the "
+                                    f"last: {_first(exc)}); check the nodes' memory against `evomerge run --dry-run`'s "
+                                    "per-worker estimate") from None
             self._replace(i)
             return
         if info["error"]:

@@ -226,3 +226,18 @@ def test_the_demo_runs_on_ray_from_the_command_line(demo_cache, tmp_path):
     j = Journal(tmp_path / "demo")
     assert j.count("done") == 70 and j.get("done") is True
     assert j.get("config")["executor"]["kind"] == "ray"
+
+
+def test_a_worker_that_cannot_load_its_models_stops_the_campaign_with_its_error(llama_family, tmp_path, ray_local):
+    import shutil
+
+    from evomerge.errors import EvomergeError
+
+    fam = {k: shutil.copytree(v, tmp_path / k) for k, v in llama_family.items()}
+    runner = CampaignRunner(parse_campaign(config(fam, executor={"kind": "ray", "num_workers": 2})), tmp_path / "c",
+                            progress=False)
+    shutil.rmtree(fam["expert1"])  # gone after pre-flight: as if missing on the workers' nodes
+    with pytest.raises(EvomergeError, match=r"a Ray worker on .* could not start: .*expert1") as err:
+        runner.run()
+    assert "\n" not in str(err.value)
+    assert Journal(tmp_path / "c").count("done", "failed") == 0 and runner._executor is None
