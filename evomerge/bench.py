@@ -263,7 +263,7 @@ def _executor_run(fam: dict, executor: dict, fitness: list, budget: int, barrier
         rows = Journal(Path(tmp) / "c").candidates()
     t = runner.timing
     work = sum((r.materialize_s or 0) + (r.eval_s or 0) for r in rows)
-    slots = runner._executor.slots
+    slots = runner.executor.slots
     return {"workers": slots, "candidates": len(rows), "wall_s": round(t["wall_s"], 3),
             "startup_s": round(t["startup_s"], 2),
             "engine_ms_per_candidate": round((t["wall_s"] - t["waiting_s"]) / len(rows) * 1e3, 2),

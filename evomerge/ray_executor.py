@@ -76,8 +76,24 @@ def _ray():
     return ray
 
 
+def _probe(address: str) -> None:
+    """An explicit host:port must answer within seconds: ray.init would retry an unreachable one for minutes."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise EvomergeError(f"config field 'executor.address': bad value {address!r}; allowed: local, auto, "
+                            "host:port or ray://host:10001")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise EvomergeError(f"config field 'executor.address': nothing answers at {address} ({exc.strerror or exc}); "
+                            "start the head with `ray start --head`, check the address, or use --address local "
+                            "for a private instance") from None
+
+
 def _connect(ray, address: str) -> None:
     options = {"log_to_driver": False, "logging_level": logging.WARNING}
+    if address not in ("local", "auto"):
+        _probe(address)
     try:
         if address == "local":
             os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private instance needs no token on disk

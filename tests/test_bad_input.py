@@ -307,6 +307,8 @@ CASES = [
         "--address", "local"], r"1 GPU\(s\) and 1 CPU\(s\) per worker, but the Ray cluster has 0 GPU\(s\) .*set 0 GPUs for CPU workers"),
     ("ray-auto-without-cluster", lambda c: c.run() + ["--executor", "ray", "--address", "auto"],
      r"config field 'executor.address': cannot reach a Ray cluster at 'auto' .*ray start --head"),
+    ("ray-address-nobody-answers", lambda c: c.run() + ["--executor", "ray", "--address", "127.0.0.1:1"],
+     r"config field 'executor.address': nothing answers at 127.0.0.1:1 .*ray start --head"),
     ("address-without-ray", lambda c: c.run() + ["--address", "auto"],
      r"--address and --num-workers apply to Ray workers; add --executor ray"),
     ("barrier-string", lambda c: c.run(lambda d: d.update(barrier="no")),

@@ -93,22 +93,27 @@ def test_ray_workers_reproduce_the_local_front(llama_family, tmp_path, reference
     assert front_set(tmp_path / "ray") == reference["front"]
 
 
+def lose_a_worker(fam, folder, reference, lose) -> None:
+    """Two workers on slow candidates; once 5 are done, `lose(executor, worker, task)` strikes a worker
+    mid-candidate. The campaign must end complete, with one resubmission, on the local front."""
+    cfg = config(fam, executor={"kind": "ray", "num_workers": 2})
+    cfg["fitness"] = cfg["fitness"] + [SLOW]
+    runner = CampaignRunner(parse_campaign(cfg), folder, progress=False)
+    thread, seen = kill_when(runner, 5, lose)
+    runner.run()
+    thread.join(1)
+    assert runner._executor.replaced == 1
+    check_complete(folder, 24, seen["task"].cid, "Ray worker lost mid-candidate")
+    assert front_set(folder) == reference["front"]
+
+
 def test_a_worker_killed_mid_candidate_is_replaced_and_its_candidate_resubmitted(llama_family, tmp_path, reference,
                                                                                   ray_local):
-    cfg = config(llama_family, executor={"kind": "ray", "num_workers": 2})
-    cfg["fitness"] = cfg["fitness"] + [SLOW]
-    runner = CampaignRunner(parse_campaign(cfg), tmp_path / "k", progress=False)
-
     def kill(ex, i, task):
         os.kill(ex.info[i]["pid"], signal.SIGKILL)
         return True
 
-    thread, seen = kill_when(runner, 5, kill)
-    runner.run()
-    thread.join(1)
-    assert runner._executor.replaced == 1
-    check_complete(tmp_path / "k", 24, seen["task"].cid, "Ray worker lost mid-candidate")
-    assert front_set(tmp_path / "k") == reference["front"]
+    lose_a_worker(llama_family, tmp_path / "k", reference, kill)
 
 
 def test_a_node_removed_mid_campaign_costs_one_resubmission(llama_family, tmp_path, reference):
@@ -117,24 +122,16 @@ def test_a_node_removed_mid_campaign_costs_one_resubmission(llama_family, tmp_pa
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     node = cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address, log_to_driver=False, logging_level="warning")
+
+    def remove(ex, i, task):
+        if ex.info[i]["node"] != node.node_id:
+            return False
+        cluster.remove_node(node)
+        return True
+
     try:
-        cfg = config(llama_family, executor={"kind": "ray", "num_workers": 2})
-        cfg["fitness"] = cfg["fitness"] + [SLOW]
-        runner = CampaignRunner(parse_campaign(cfg), tmp_path / "n", progress=False)
-
-        def remove(ex, i, task):
-            if ex.info[i]["node"] != node.node_id:
-                return False
-            cluster.remove_node(node)
-            return True
-
-        thread, seen = kill_when(runner, 5, remove)
-        runner.run()
-        thread.join(1)
         # One CPU per worker and the head has one: the replacement waits for room, the campaign goes on with one.
-        assert runner._executor.replaced == 1
-        check_complete(tmp_path / "n", 24, seen["task"].cid, "Ray worker lost mid-candidate")
-        assert front_set(tmp_path / "n") == reference["front"]
+        lose_a_worker(llama_family, tmp_path / "n", reference, remove)
     finally:
         ray.shutdown()
         cluster.shutdown()
