@@ -28,6 +28,7 @@ stops with the error and `evomerge resume` picks it up again.
 from __future__ import annotations
 
 import math
+import sqlite3
 import sys
 import time
 from dataclasses import dataclass
@@ -152,6 +153,7 @@ class CampaignRunner:
     def run(self) -> Outcome:
         bar = self._bar()
         started = time.perf_counter()
+        session = {"started": time.time(), "executor": self.campaign.executor["kind"]}
         try:
             if self.journal.count("pending") or self.journal.count("done", "raced", "failed") < self.campaign.budget:
                 self.executor  # start the workers now: their start-up is not the engine's per-candidate time
@@ -169,6 +171,7 @@ class CampaignRunner:
                                 f"{self.journal.path}; continue with `evomerge resume {self.folder}`") from None
         finally:
             self.timing["wall_s"] = time.perf_counter() - started
+            self._journal_session(session)
             if bar is not None:
                 bar.close()
             if self._executor is not None:
@@ -378,23 +381,47 @@ class CampaignRunner:
         return reference
 
     def _evaluate_holdout(self) -> None:
-        """Score up to `holdout_max` front points, spread over the front, on the held-out evaluators."""
+        """Score up to `holdout_max` front points, spread over the front, on the held-out evaluators, and the
+        space's baselines (each source alone, their uniform average, the base): a winner means something
+        only beside what it was merged from, and the card and the report print that table."""
         if not self.campaign.holdout:
             return
         front = front_members(self.journal, self.campaign)
         chosen = [front[i] for i in archive.spread(self.campaign.objectives, [m.objectives for m in front],
                                                    self.campaign.holdout_max)]
         tasks = [Task(m.id, m.recipe, HOLDOUT) for m in chosen if not m.holdout]
+        baselines = self.journal.get("baselines") or {}
+        todo = {name: recipe for name, recipe in self.space.baselines().items() if name not in baselines}
+        names = {-1 - i: name for i, name in enumerate(todo)}  # negative ids: never a journal row
+        tasks += [Task(cid, todo[name], HOLDOUT) for cid, name in names.items()]
         for res in self._run_tasks(tasks):
-            if res.error_kind == "candidate":
-                self.journal.record_holdout(res.cid, {"error": res.error})
-                continue
-            hold = dict(res.metrics)
-            if self.campaign.metric_names <= set(hold):  # held-out sets that cover every objective score them too
-                hold.update({o.name: o.value(hold) for o in self.campaign.objectives})
-            if not archive.finite(hold):
-                hold = {"error": f"non-finite held-out scores {hold}"}
-            self.journal.record_holdout(res.cid, hold)
+            hold = self._holdout_scores(res)
+            if res.identity and self.journal.get("holdout_identity") is None:
+                self.journal.set("holdout_identity", res.identity)
+            if res.cid < 0:
+                baselines[names[res.cid]] = hold
+                self.journal.set("baselines", baselines)
+            else:
+                self.journal.record_holdout(res.cid, hold)
+
+    def _holdout_scores(self, res: Result) -> dict:
+        if res.error_kind == "candidate":
+            return {"error": res.error}
+        hold = dict(res.metrics)
+        if self.campaign.metric_names <= set(hold):  # held-out sets that cover every objective score them too
+            hold.update({o.name: o.value(hold) for o in self.campaign.objectives})
+        if not archive.finite(hold):
+            hold = {"error": f"non-finite held-out scores {hold}"}
+        return hold
+
+    def _journal_session(self, session: dict) -> None:
+        """One entry per run or resume (start-up, wall, waiting, executor): the report's timings."""
+        session.update({k: round(v, 3) for k, v in self.timing.items()},
+                       evaluated=self.journal.count("done", "raced", "failed"))
+        try:
+            self.journal.set("sessions", [*(self.journal.get("sessions") or []), session])
+        except sqlite3.Error:  # the journal itself failing: the error on its way out says so
+            pass
 
     # -- progress -----------------------------------------------------------------------------
 

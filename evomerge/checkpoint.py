@@ -384,6 +384,24 @@ def check_output_folder(out_dir: str | os.PathLike, overwrite: bool = False, pro
 
 
 @contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling path; on success it replaces `path` in one rename (a reader never
+    sees half a file), with the permissions a plain `open` would have given it."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(tmp, 0o666 & ~umask)
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
 def atomic_folder(out_dir: str | os.PathLike, overwrite: bool = False,
                   protect: Iterable[str | os.PathLike] = ()) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces `out_dir` in one rename.

@@ -30,16 +30,60 @@ def _merge(args: argparse.Namespace) -> None:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from evomerge.export import export_candidate
+    from evomerge.export import export_candidates
     from evomerge.hybrid import final_folder
 
-    if (args.candidate is None) == (args.best is None):
-        raise EvomergeError("export: give exactly one of --candidate ID or --best [OBJECTIVE]")
+    if sum([args.candidate is not None, args.best is not None, args.front]) != 1:
+        raise EvomergeError("export: give exactly one of --candidate ID, --best [OBJECTIVE] or --front")
+    if args.push_to_hub:
+        from evomerge.hub import check_push
+
+        if args.front:
+            raise EvomergeError("--push-to-hub uploads one model; choose it with --candidate ID or --best, "
+                                "not --front")
+        check_push(args.push_to_hub)  # a bad repo id or an offline hub costs no merge
+    elif args.private:
+        raise EvomergeError("--private applies to --push-to-hub REPO_ID; add it, or drop --private")
     best = None if args.best is None else (args.best or None)
-    out, row = export_candidate(final_folder(args.dir), args.out_dir, args.candidate, best, args.overwrite,
-                                args.shard_size)
-    scores = ", ".join(f"{k}={v:.4g}" for k, v in (row["objectives"] or {}).items())
-    print(f"wrote {out} (candidate #{row['id']}: {scores})")
+    written = export_candidates(final_folder(args.dir), args.out_dir, args.candidate, best, args.front,
+                                args.overwrite, args.shard_size, progress=True)
+    for out, row in written:
+        scores = ", ".join(f"{k}={v:.4g}" for k, v in (row["objectives"] or {}).items())
+        print(f"wrote {out} (candidate #{row['id']}: {scores})")
+    if args.push_to_hub:
+        from evomerge.hub import push_folder
+
+        out = written[0][0]
+        try:
+            url = push_folder(out, args.push_to_hub, private=args.private)
+        except EvomergeError as exc:
+            raise EvomergeError(f"{exc} (the export itself is complete in {out}; after fixing this, upload it with "
+                                f"`hf upload {args.push_to_hub} {out}`)") from None
+        print(f"pushed to {url}")
+
+
+def _plot(args: argparse.Namespace) -> None:
+    from evomerge.plots import make_plots
+
+    for path in make_plots(args.dir, args.out):
+        print(f"wrote {path}")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from evomerge.report import write_report
+
+    print(f"wrote {write_report(args.dir, args.out)}")
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    from evomerge.hybrid import final_folder
+    from evomerge.view import candidate_detail, candidate_lines
+
+    detail = candidate_detail(final_folder(args.dir), args.id)
+    if args.json:
+        print(json.dumps(detail))
+        return
+    print("\n".join(candidate_lines(detail, detail.pop("holdout_identity"))))
 
 
 def _tiny(args: argparse.Namespace) -> None:
@@ -97,6 +141,14 @@ def _status(args: argparse.Namespace) -> None:
     from evomerge.hybrid import final_folder, staged_status
     from evomerge.view import load_view, status_lines
 
+    if args.watch:
+        from evomerge.watch import watch
+
+        if args.json:
+            raise EvomergeError("--watch redraws text; drop --json (or poll `evomerge status DIR --json`)")
+        watch(args.dir, args.interval)
+        return
+
     stages = None if args.json else staged_status(args.dir)
     view = load_view(final_folder(args.dir))
     print(json.dumps(view.to_json()) if args.json else "\n".join((stages or []) + status_lines(view)))
@@ -123,7 +175,8 @@ def _eval(args: argparse.Namespace) -> None:
     spec: dict = {"task": args.task}
     for key, value in (("lang", args.lang), ("split", args.split), ("limit", args.limit),
                        ("include_path", args.include_path), ("max_new_tokens", args.max_new_tokens),
-                       ("shots", args.shots), ("num_fewshot", args.num_fewshot), ("batch_size", args.batch_size)):
+                       ("shots", args.shots), ("num_fewshot", args.num_fewshot), ("batch_size", args.batch_size),
+                       ("n", args.n), ("seed", args.seed)):
         if value is not None:
             spec[key] = value
     if args.data:
@@ -173,9 +226,26 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--candidate", type=int, help="the candidate id (see `evomerge front DIR`)")
     x.add_argument("--best", nargs="?", const="", default=None, metavar="OBJECTIVE",
                    help="the best finished candidate on OBJECTIVE by fitness (default: the first objective)")
+    x.add_argument("--front", action="store_true", help="every front member, as OUT/candidate-<id>/")
+    x.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the exported folder to this Hugging Face repo "
+                                                            "(token from HF_TOKEN or `hf auth login`)")
+    x.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
     x.add_argument("--shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     x.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     x.set_defaults(func=_export)
+    p = sub.add_parser("plot", help="PNG plots of a campaign: fitness, front, hypervolume, coefficients, path")
+    p.add_argument("dir", help="campaign folder")
+    p.add_argument("--out", help="folder for the PNGs (default DIR/plots)")
+    p.set_defaults(func=_plot)
+    p = sub.add_parser("report", help="one self-contained HTML page: config, front, plots, winner, timings, failures")
+    p.add_argument("dir", help="campaign folder")
+    p.add_argument("--out", help="the HTML file (default DIR/report.html)")
+    p.set_defaults(func=_report)
+    p = sub.add_parser("inspect", help="one candidate: recipe, metrics and what measured them, timings, error")
+    p.add_argument("dir", help="campaign folder")
+    p.add_argument("id", type=int, help="candidate id (see `evomerge front DIR`)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_inspect)
     r = sub.add_parser("run", help="start (or continue) a campaign from a config")
     r.add_argument("config")
     r.add_argument("--out", required=True, help="campaign folder (journal.sqlite lives here)")
@@ -194,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument(flag, action="store_true")
         if name == "resume":
             _add_executor_flags(r)
+        if name == "status":
+            r.add_argument("--watch", action="store_true", help="refresh while the campaign runs (Ctrl-C leaves)")
+            r.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
         r.set_defaults(func=func)
     r = sub.add_parser("demo", help="train a tiny model family locally and run a real merge campaign on it")
     r.add_argument("--out", default="runs/demo")
@@ -207,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--lang", help="MGSM / VQA language (e.g. ja)")
     e.add_argument("--split", help="MGSM: search | holdout | all | 0-99; synthetic: fitness | holdout")
     e.add_argument("--limit", type=int, help="score only the first N examples")
+    e.add_argument("--n", type=int, help="synthetic tasks: examples to draw (a campaign's `n`)")
+    e.add_argument("--seed", type=int, help="synthetic tasks: the draw's seed")
     e.add_argument("--include-path", help="folder of local lm-eval task YAMLs")
     e.add_argument("--data", help="perplexity/VQA file, or an MGSM-style JSONL of {question, answer}")
     e.add_argument("--shots", type=int, help="MGSM few-shot exemplars (default 0)")

@@ -161,9 +161,6 @@ def train_family(root: Path, progress: bool = True) -> dict[str, Path]:
 def run_demo(out: str | Path, budget: int | None = None, config: str | Path | None = None, progress: bool = True) -> dict:
     from evomerge.campaign import CampaignRunner
     from evomerge.config import parse_campaign
-    from evomerge.recipe import Recipe
-    from evomerge.worker import HOLDOUT, Task
-
     from evomerge.errors import read_document
 
     config_path = Path(config) if config else DEMO_CONFIG
@@ -188,21 +185,12 @@ def run_demo(out: str | Path, budget: int | None = None, config: str | Path | No
         raise EvomergeError(f"no candidate of the demo campaign finished; see `evomerge status {out}`")
     winner = max(outcome.front, key=lambda m: m.objectives[objective.name])
 
-    # Baselines on the held-out split, scored exactly like the campaign's front members.
-    worker = runner.executor.worker
+    # The campaign scored the baselines on the held-out split, exactly like its front members.
+    rows = dict(runner.journal.get("baselines") or {})
     sources = runner.sources
-    baselines = {name: Recipe.from_dict({"method": "linear", "sources": [{"model": ref, "parameters": {"weight": 1.0}}]})
-                 for name, ref in sources.items()}
-    baselines["uniform"] = Recipe.from_dict({"method": "linear", "sources": [
-        {"model": ref, "parameters": {"weight": 1.0}} for ref in sources.values()]})
-    baselines["base"] = Recipe.from_dict({"method": "task_arithmetic", "base": runner.base, "sources": [
-        {"model": ref, "parameters": {"weight": 0.0}} for ref in sources.values()]})
-    rows = {}
-    for name, recipe in baselines.items():
-        res = worker.run(Task(-1, recipe.to_dict(), HOLDOUT))
-        if res.error:
-            raise EvomergeError(f"demo baseline {name!r} could not be scored: {res.error}")
-        rows[name] = {**res.metrics, objective.name: objective.value(res.metrics)}
+    for name in [*sources, "uniform", "base"]:
+        if "error" in rows.get(name, {"error": "not scored"}):
+            raise EvomergeError(f"demo baseline {name!r} could not be scored: {rows.get(name, {}).get('error')}")
     rows["winner"] = winner.holdout
     if config is None:  # the built-in demo also searches layer paths, alone and after the PS search
         rows.update(_dataflow_rows(Path(out), objective, progress))

@@ -226,6 +226,15 @@ def resume_staged(folder: str | Path, progress: bool = True, executor: dict | No
     return StagedRunner(data, folder, progress, str(Path(folder) / MARKER)).run()
 
 
+def staged_folders(folder: str | Path) -> list[tuple[str, Path]]:
+    """(stage name, its campaign folder) of the stages that have started, in order."""
+    from evomerge.journal import Journal
+
+    folder = Path(folder)
+    return [(name, stage_folder(folder, name)) for name, _ in _read_marker(folder)
+            if Journal.exists(stage_folder(folder, name))]
+
+
 def is_staged_folder(folder: str | Path) -> bool:
     return (Path(folder) / MARKER).is_file()
 

@@ -57,6 +57,21 @@ class CampaignLock:
             return "another evomerge process"
         return f"pid {info['pid']} on {info['host']}, running since {_when(info['since'])}"
 
+    def holder(self) -> dict | None:
+        """Who runs the campaign now (pid, host, since), or None: for watchers, which never take the lock."""
+        info = self._read()
+        if not info:
+            return None
+        if info["host"] == socket.gethostname():
+            try:
+                os.kill(info["pid"], 0)
+            except ProcessLookupError:
+                return None
+            except PermissionError:  # alive, owned by another user
+                pass
+            return info
+        return info if time.time() - info["heartbeat"] < STALE_S else None
+
     def acquire(self) -> "CampaignLock":
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -140,3 +140,115 @@ def from_mergekit(data: dict, origin: str = "mergekit config") -> Recipe:
         "tokenizer_source": None if tok in (None, "base") else _ref(tok, origin),
     }
     return Recipe.from_dict(recipe, origin=origin)
+
+
+# -- evomerge -> mergekit ---------------------------------------------------------------------------
+
+
+def to_mergekit(recipe: Recipe, allow_pickle: bool = False) -> dict:
+    """A mergekit config that rebuilds the recipe's weights (exactly, for the deterministic methods).
+
+    Every parameter is resolved per tensor of the reference model, as the merge resolves it, and
+    written as mergekit settings: a constant where it is one, else conditionals on name prefixes
+    (a whole block, a family inside a block, one tensor), the most specific first because mergekit
+    takes the first filter that is a substring of the tensor's name. The result is checked by
+    replaying mergekit's rule against every tensor name before it is returned.
+    """
+    from evomerge.architecture import count_blocks
+    from evomerge.bank import merged_roles
+    from evomerge.checkpoint import Checkpoint
+
+    method = recipe.merge_method
+    if method.name not in SHARED_METHODS:
+        raise EvomergeError(f"method {method.name!r} has no mergekit counterpart; mergekit shares "
+                            f"{', '.join(SHARED_METHODS)}")
+    if recipe.component:
+        raise EvomergeError("a component merge (part of the base replaced) has no mergekit form; mergekit merges "
+                            "whole models")
+    ckpt = Checkpoint(recipe.base or recipe.sources[0].model, allow_pickle=allow_pickle)
+    roles = merged_roles(ckpt.names(), ckpt.model_type, None)
+    blocks = count_blocks([n for n, _ in roles], ckpt.model_type)
+    resolved = {name: recipe.resolve(role, name, blocks) for name, role in roles}
+
+    def setting(value_of) -> Any:
+        return _as_setting({name: value_of(shared, per_source) for name, (shared, per_source) in resolved.items()})
+
+    models = [{"model": s.model, **({"parameters": params} if params else {})}
+              for i, s in enumerate(recipe.sources)
+              for params in [{k: setting(lambda sh, ps, k=k, i=i: ps[i][k]) for k in method.source_params}]]
+    config: dict = {"merge_method": method.name}
+    if method.needs_base:
+        config["base_model"] = recipe.base
+        if method.name == "slerp":  # mergekit's slerp lists the base among its two models
+            models.insert(0, {"model": recipe.base})
+    config["models"] = models
+    shared = {k: setting(lambda sh, ps, k=k: sh[k]) for k in method.shared_params}
+    if shared:
+        config["parameters"] = shared
+    config["dtype"] = recipe.dtype
+    if recipe.out_dtype:
+        config["out_dtype"] = recipe.out_dtype
+    if recipe.tokenizer_source:
+        config["tokenizer_source"] = recipe.tokenizer_source
+    return config
+
+
+def _as_setting(values: dict[str, Any]) -> Any:
+    """Per-tensor values -> a constant, or conditionals whose first substring match gives every tensor its value."""
+    distinct = list(dict.fromkeys(values.values()))
+    if len(distinct) == 1:
+        return _plain(distinct[0])
+    rules = _prefix_rules(values)
+    if _replay(rules, values):
+        return rules
+    # Whole names, longest first: a name can only be a substring of a longer one, so each tensor
+    # meets its own rule before any other that matches it.
+    return [{"filter": n, "value": _plain(values[n])} for n in sorted(values, key=len, reverse=True)]
+
+
+def _prefix_rules(values: dict[str, Any]) -> list[dict]:
+    """Rules on dotted-name prefixes: one wherever a subtree's tensors agree on a value that differs from
+    the value the enclosing rule gives, ordered deepest first, ending with the most common value."""
+    from collections import Counter
+
+    def leaves(prefix: tuple) -> list[str]:
+        return [n for n in values if tuple(n.split("."))[:len(prefix)] == prefix]
+
+    rules: list[tuple[int, str, Any]] = []
+
+    def visit(prefix: tuple, inherited: Any) -> None:
+        names = leaves(prefix)
+        common = Counter(values[n] for n in names).most_common(1)[0][0]
+        dotted = ".".join(prefix)
+        if common != inherited:
+            rules.append((len(prefix), dotted if names == [dotted] else dotted + ".", common))
+        if all(values[n] == common for n in names):
+            return
+        if dotted in values and values[dotted] != common:  # a tensor named like the prefix of others
+            rules.append((len(prefix) + 0.5, dotted, values[dotted]))
+        for child in dict.fromkeys(tuple(n.split("."))[:len(prefix) + 1] for n in names if n != dotted):
+            visit(child, common)
+
+    default = Counter(values.values()).most_common(1)[0][0]
+    for top in dict.fromkeys(tuple(n.split("."))[:1] for n in values):
+        visit(top, default)
+    rules.sort(key=lambda r: -r[0])  # stable: deeper (more specific) prefixes first
+    return [{"filter": text, "value": _plain(v)} for _, text, v in rules] + [{"value": _plain(default)}]
+
+
+def _replay(rules: list[dict], values: dict[str, Any]) -> bool:
+    """mergekit's resolution (the first rule without a filter or whose filter is in the name) gives each value."""
+    for name, want in values.items():
+        hit = next(r for r in rules if "filter" not in r or r["filter"] in name)
+        if hit["value"] != _plain(want):
+            return False
+    return True
+
+
+def _plain(value: Any) -> Any:
+    """A YAML-friendly scalar (numpy and torch numbers become Python ones)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        return value
+    return float(value)

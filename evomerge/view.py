@@ -1,7 +1,8 @@
 """One read model of a campaign, computed from the journal alone.
 
-`evomerge status`, `front`, their `--json`, the demo's report (and the plots and HTML report to
-come) all render from `CampaignView` and `Member`; nothing else recomputes fronts or tallies.
+`evomerge status`, `front`, `inspect`, their `--json`, the demo's table, the plots, the HTML report
+and `status --watch` all render from `CampaignView`, `Member` and the journal's rows; nothing else
+recomputes fronts or tallies.
 """
 
 from __future__ import annotations
@@ -129,15 +130,19 @@ def campaign_status(folder: str | Path) -> dict:
 
 
 def candidate_detail(folder: str | Path, cid: int) -> dict:
-    """One candidate: recipe, metrics with the identity of what measured them, timings, error."""
+    """One candidate: recipe, metrics with the identity of what measured them, timings, error; and the
+    identity of the campaign's held-out measurements."""
     journal, _ = open_campaign(folder)
     try:
         row = journal.candidate(cid)
+        holdout_identity = journal.get("holdout_identity")
+        last = journal.count("pending", "done", "raced", "failed")
     finally:
         journal.close()
     if row is None:
-        raise EvomergeError(f"{folder} has no candidate #{cid}")
-    return asdict(row)
+        raise EvomergeError(f"{folder} has no candidate #{cid}" + (f" (ids run 1-{last}); see `evomerge front "
+                                                                 f"{folder}`" if last else " yet"))
+    return {**asdict(row), "holdout_identity": holdout_identity}
 
 
 # -- text renderings --------------------------------------------------------------------------
@@ -168,4 +173,49 @@ def front_lines(front: list[Member]) -> list[str]:
         hold = ", ".join(f"{k}={v:.4g}" for k, v in m.holdout.items() if isinstance(v, float))
         dup = f"   (ties: {', '.join(f'#{d}' for d in m.duplicates)})" if m.duplicates else ""
         lines.append(f"  #{m.id}: {objs}" + (f"   held-out: {hold}" if hold else "") + dup)
+    return lines
+
+
+def _identity_text(ident: dict) -> str:
+    extra = {k: v for k, v in ident.items() if k not in ("task", "split", "n", "metrics") and v not in (None, [], {})}
+    return (f"{ident.get('task')} [split {ident.get('split')}, n={ident.get('n')}]"
+            + ("".join(f", {k}={v}" for k, v in extra.items()) if extra else ""))
+
+
+def candidate_lines(detail: dict, holdout_identity: list | None = None) -> list[str]:
+    """`evomerge inspect DIR ID`: a candidate's status, scores with what measured them, timings, error, recipe."""
+    import time
+
+    import yaml
+
+    d = detail
+    lines = [f"candidate #{d['id']} (generation {d['generation']}, slot {d['slot']}): {d['status']}, "
+             f"{d['attempts']} attempt(s)"]
+    if d.get("objectives"):
+        lines.append("  objectives: " + ", ".join(f"{k}={v:.6g}" for k, v in d["objectives"].items()))
+    for title, scores, identities in (("fitness metrics", d.get("metrics"), d.get("identity")),
+                                      ("held-out", d.get("holdout"), holdout_identity)):
+        if not scores:
+            continue
+        lines.append(f"  {title}:")
+        by_metric = {m: ident for ident in (identities or []) for m in ident.get("metrics", [])}
+        for k, v in scores.items():
+            value = f"{v:.6g}" if isinstance(v, (int, float)) else str(v)
+            lines.append(f"    {k} = {value}" + (f"   ({_identity_text(by_metric[k])})" if k in by_metric else ""))
+    timing = [f"{k} {d[k + '_s']:.3f} s" for k in ("materialize", "eval") if d.get(k + "_s") is not None]
+    if d.get("examples") is not None:
+        timing.append(f"{d['examples']} examples")
+    if d.get("finished"):
+        timing.append("finished " + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d["finished"])))
+    if timing:
+        lines.append("  timings: " + ", ".join(timing))
+    if d.get("incumbent") is not None:
+        lines.append(f"  racing incumbent: {d['incumbent']:.6g}")
+    if d.get("error"):
+        lines.append(f"  error ({d.get('error_kind') or 'candidate'}): {d['error']}")
+    if d.get("last_error"):
+        lines.append(f"  last infrastructure error: {d['last_error']}")
+    lines.append(f"  genome: {len(d['genome'])} coordinate(s)")
+    lines.append("  recipe:")
+    lines += ["    " + ln for ln in yaml.safe_dump(d["recipe"], sort_keys=False).rstrip().splitlines()]
     return lines

@@ -125,11 +125,14 @@ class Worker:
             if self.racing is not None and task.role == FITNESS:
                 metrics, examples, raced = race(evaluators, self.model, self.spec.race_weights, task.incumbent,
                                                 self.racing)
+                produced = [sorted((ev.metric_names() or set()) & set(metrics)) for ev in evaluators]
             else:
-                metrics = {}
+                metrics, produced = {}, []
                 with torch.no_grad():
                     for ev in evaluators:
-                        metrics.update(ev.score(self.model))
+                        scores = ev.score(self.model)
+                        metrics.update(scores)
+                        produced.append(sorted(scores))
                 examples = sum(getattr(ev, "n", 0) for ev in evaluators)
             bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
             if bad:
@@ -144,8 +147,10 @@ class Worker:
             return Result(task.cid, task.role, None, None, one_line(exc), "infrastructure", True, t1 - t0,
                           time.perf_counter() - t1)
         t2 = time.perf_counter()
-        return Result(task.cid, task.role, metrics, [ev.identity() for ev in evaluators], None, None, True,
-                      t1 - t0, t2 - t1, examples, raced)
+        # Each identity names the metrics it measured, so a card or a report can say which task,
+        # split, n and generation settings stand behind every number.
+        identity = [{**ev.identity(), "metrics": names} for ev, names in zip(evaluators, produced)]
+        return Result(task.cid, task.role, metrics, identity, None, None, True, t1 - t0, t2 - t1, examples, raced)
 
 
 def build_evaluators(spec: WorkerSpec, tokenizer) -> dict[str, list]:

@@ -48,6 +48,11 @@ class SearchSpace(Protocol):
 
     def decode(self, x) -> Recipe: ...  # or a PathRecipe: anything with to_dict() a worker materializes
 
+    def baselines(self) -> dict[str, dict]:
+        """Recipes (as dicts) of what a winner is compared with on the held-out set: each source alone,
+        their uniform average, the base; named by the campaign's display names, "uniform" and "base"."""
+        ...
+
     def memory(self, models: dict[str, ModelInfo], element: int) -> dict:
         """Bytes the worker will hold ({"total": ..., "detail": "..."}), for pre-flight and --dry-run."""
         ...

@@ -154,6 +154,11 @@ class DataFlowSpace:
         total = sum(models[f"sources.{name}"].numel for name in self.sources) * element
         return {"total": total, "detail": f"{len(self.sources)} source model(s) resident, shared by every path"}
 
+    def baselines(self) -> dict[str, dict]:
+        """The lead model alone: a path runs in the lead's shell, so no other source is itself in this space."""
+        path = [Step(self.lead, i) for i in range(self.lead_layers)]
+        return {self.lead: PathRecipe({self.lead: self.sources[self.lead]}, path, self.lead, self.dtype).to_dict()}
+
     def decode(self, x) -> PathRecipe:
         x = np.clip(np.asarray(x, dtype=float), 0.0, 1.0)
         if x.shape != (self.dim,):

@@ -241,6 +241,23 @@ class ParameterSpace:
         return [f"parameter space: {self.method.name}; {params}; per source x {where}",
                 f"fixed: {self.fixed or 'nothing'}"]
 
+    def baselines(self) -> dict[str, dict]:
+        def linear(refs: list[str]) -> dict:  # normalized: the mean of the sources
+            recipe = {"method": "linear", "sources": [{"model": r, "parameters": {"weight": 1.0}} for r in refs],
+                      "dtype": self.dtype}
+            if self.component:  # a component merge keeps the rest of the base as it is
+                recipe.update(base=self.base, component=self.component)
+            return recipe
+
+        out = {name: linear([ref]) for name, ref in self.sources.items()}
+        if len(self.sources) > 1:
+            out["uniform"] = linear(list(self.sources.values()))
+        if self.base:
+            out["base"] = {"method": "task_arithmetic", "base": self.base, "dtype": self.dtype,
+                           "sources": [{"model": r, "parameters": {"weight": 0.0}} for r in self.sources.values()],
+                           **({"component": self.component} if self.component else {})}
+        return out
+
     def decode(self, x) -> Recipe:
         x = np.clip(np.asarray(x, dtype=float), 0.0, 1.0)
         if x.shape != (self.dim,):

@@ -466,6 +466,26 @@ CASES = [
      r"unrecognized arguments: --budjet 3 \(see `evomerge --help`\)"),
     ("missing-required-flag", lambda c: ["run", str(c.config())],
      r"the following arguments are required: --out"),
+    # -- export, push, plots, reports, inspect, watch -----------------------------------------------------
+    ("export-best-and-front", lambda c: ["export", c.campaign_dir, c.out, "--best", "--front"],
+     r"give exactly one of --candidate ID, --best \[OBJECTIVE\] or --front"),
+    ("export-private-without-push", lambda c: ["export", c.campaign_dir, c.out, "--best", "--private"],
+     r"--private applies to --push-to-hub REPO_ID"),
+    ("export-front-pushed", lambda c: ["export", c.campaign_dir, c.out, "--front", "--push-to-hub", "me/merged"],
+     r"--push-to-hub uploads one model; choose it with --candidate ID or --best"),
+    ("push-while-offline", lambda c: ["export", c.campaign_dir, c.out, "--best", "--push-to-hub", "me/merged"],
+     r"HF_HUB_OFFLINE"),
+    ("export-front-into-a-file", lambda c: ["export", c.campaign_dir, (c.tmp / "f.txt").write_text("x") and c.tmp / "f.txt",
+                                             "--front"], r"f.txt, which is a file"),
+    ("export-unknown-objective", lambda c: ["export", c.campaign_dir, c.out, "--best", "lq"],
+     r"--best 'lq': the campaign's objectives are lp"),
+    ("inspect-unknown-id", lambda c: ["inspect", c.campaign_dir, "999"], r"has no candidate #999 \(ids run 1-"),
+    ("inspect-id-not-a-number", lambda c: ["inspect", c.campaign_dir, "best"], r"invalid int value: 'best'"),
+    ("watch-interval-nan", lambda c: ["status", c.campaign_dir, "--watch", "--interval", "nan"],
+     r"--interval nan: give a number of seconds above 0"),
+    ("watch-with-json", lambda c: ["status", c.campaign_dir, "--watch", "--json"], r"--watch redraws text; drop --json"),
+    ("plot-without-journal", lambda c: ["plot", str(c.tmp)], r"holds no campaign journal"),
+    ("report-without-journal", lambda c: ["report", str(c.tmp)], r"holds no campaign journal"),
 ]
 
 

@@ -189,6 +189,10 @@ def test_dfs_campaign_exports_a_model_whose_score_equals_the_archived_one(llama_
     assert f"candidate #{best.id}" in capsys.readouterr().out
     config_out = json.loads((tmp_path / "best" / "config.json").read_text())
     assert config_out["num_hidden_layers"] == len(best.recipe["path"])
+    # The card names the path; a data-flow recipe has no mergekit form, and says so.
+    card = (tmp_path / "best" / "README.md").read_text()
+    assert f"a layer path of {len(best.recipe['path'])} layers" in card and "dataflow-merge" in card
+    assert "has no mergekit form" in card and not (tmp_path / "best" / "mergekit_config.yml").exists()
     # The export scores what the campaign archived, on the same evaluator (a mean log-probability
     # near -4.6: equal to 1e-4, the norms' epsilon; exact-match accuracies come out equal).
     report = evaluate_folder(tmp_path / "best", {"task": "synthetic-logprob:reverse", "split": "fitness", "n": 24})
