@@ -65,8 +65,11 @@ def _export(args: argparse.Namespace) -> None:
 def _plot(args: argparse.Namespace) -> None:
     from evomerge.plots import make_plots
 
-    for path in make_plots(args.dir, args.out):
+    written = make_plots(args.dir, args.out)
+    for path in written:
         print(f"wrote {path}")
+    if not written:
+        print(f"nothing to plot yet: {args.dir} has no finished candidate (see `evomerge status {args.dir}`)")
 
 
 def _report(args: argparse.Namespace) -> None:

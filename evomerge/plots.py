@@ -371,8 +371,12 @@ def draw_coefficients(fig, data: dict) -> None:
 
 
 def draw_path(fig, data: dict) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     steps = data["steps"]
     ax = fig.subplots()
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.plot(range(len(steps)), [s["layer"] for s in steps], color="lightgray", zorder=1)
     for k, model in enumerate(data["models"]):
         idx = [i for i, s in enumerate(steps) if s["model"] == model]
@@ -449,9 +453,12 @@ def read_plot_data(path: str | Path) -> dict:
     """The data a PNG written by `make_plots` draws."""
     from PIL import Image
 
-    with Image.open(path) as image:
-        image.load()
-        text = getattr(image, "text", {}) or {}
-        if TEXT_KEY not in text:
-            raise EvomergeError(f"{path} carries no evomerge plot data; it was not written by `evomerge plot`")
-        return json.loads(text[TEXT_KEY])
+    try:
+        with Image.open(path) as image:
+            image.load()
+            text = dict(getattr(image, "text", {}) or {})
+    except (OSError, ValueError) as exc:
+        raise EvomergeError(f"cannot read {path} as a PNG ({str(exc).splitlines()[0] if str(exc) else exc!r})") from None
+    if TEXT_KEY not in text:
+        raise EvomergeError(f"{path} carries no evomerge plot data; it was not written by `evomerge plot`")
+    return json.loads(text[TEXT_KEY])
