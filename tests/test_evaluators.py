@@ -206,6 +206,7 @@ metric_list:
 }
 
 
+@pytest.mark.slow  # 24 s of lm-eval's own harness; `pytest -m slow` runs it
 def test_lm_eval_in_memory_equals_lm_eval_itself(demo_cache, tmp_path):
     """generate_until and multiple_choice tasks from local files: in-memory scores == lm-eval's own run."""
     lm_eval = pytest.importorskip("lm_eval")

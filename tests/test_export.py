@@ -196,13 +196,13 @@ def test_inspect_shows_scores_with_what_measured_them(campaign):
 def _slow_config(fam, budget):
     cfg = tiny_config(fam, budget=budget, optimizer={"name": "cma", "population": 4})
     cfg["objectives"] = [{"name": "sim", "metrics": ["simulated_seconds"], "direction": "minimize"}]
-    cfg["fitness"] = [{"task": "simulate", "seconds": 0.4, "spread": 0.0}]
+    cfg["fitness"] = [{"task": "simulate", "seconds": 0.3, "spread": 0.0}]
     cfg.pop("holdout")
     return cfg
 
 
 def test_status_watch_follows_a_running_campaign_to_its_end(llama_family, tmp_path):
-    config = write_config(tmp_path, _slow_config(llama_family, 12))
+    config = write_config(tmp_path, _slow_config(llama_family, 8))
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     runner = subprocess.Popen([sys.executable, "-m", "evomerge", "run", config, "--out", tmp_path / "run", "--quiet"],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -221,7 +221,7 @@ def test_status_watch_follows_a_running_campaign_to_its_end(llama_family, tmp_pa
     assert watch.returncode == 0, watch.stderr
     lines = watch.stdout.strip().splitlines()
     counts = [int(ln.split(": ")[1].split("/")[0]) for ln in lines]
-    assert len(lines) >= 3 and counts == sorted(counts) and counts[-1] == 12, lines
+    assert len(lines) >= 3 and counts == sorted(counts) and counts[-1] == 8, lines
     assert lines[-1].split(" | ")[0].endswith("done")
     assert "runner: pid" in watch.stdout  # while it ran, the watcher saw who ran it
 

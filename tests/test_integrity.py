@@ -413,6 +413,7 @@ def test_stale_temporary_of_a_dead_writer_is_removed_and_nothing_else(tmp_path):
 # -- the seams: registries, packaging, a light CLI ---------------------------------------------------
 
 
+@pytest.mark.slow  # 25 s: every shipped config through pre-flight; `pytest -m slow` runs it
 def test_every_campaign_config_in_experiments_dry_runs_and_recipes_are_sent_to_merge(tmp_path):
     env = {"EVOMERGE_CACHE": str(tmp_path / "cache")}
     for path in sorted(os.listdir(os.path.join(ROOT, "experiments"))):
