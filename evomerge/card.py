@@ -74,11 +74,10 @@ def _holdout_table(row: dict, campaign: Campaign, baselines: dict) -> list[str]:
         return ["", "## Held-out evaluation", "",
                 "No held-out scores for this candidate (the campaign scores up to `holdout_max` front members "
                 "on its `holdout` evaluators)."]
-    objective_names = [o.name for o in campaign.objectives if o.name in hold]
-    metrics = [m for o in campaign.objectives for m in o.metrics if m in hold]
-    columns = list(dict.fromkeys(metrics + objective_names + [k for k in hold if k not in metrics + objective_names]))
-    order = [n for n in ("base", *campaign.sources, "uniform") if n in baselines]
-    order += [n for n in baselines if n not in order]
+    from evomerge.view import holdout_rows
+
+    columns, rows = holdout_rows(campaign, baselines)
+    columns = [c for c in dict.fromkeys(columns + list(hold)) if c in hold]
     tasks = ", ".join(f"`{spec.get('task')}`" for spec in campaign.holdout)
     lines = ["", "## Held-out evaluation", "",
              f"Scored on examples never used for fitness, the same way for every row (held-out tasks: {tasks}).",
@@ -87,8 +86,7 @@ def _holdout_table(row: dict, campaign: Campaign, baselines: dict) -> list[str]:
     def cells(scores: dict) -> str:
         return " | ".join(f"{scores[c]:.4f}" if isinstance(scores.get(c), (int, float)) else "-" for c in columns)
 
-    for name in order:
-        scores = baselines[name]
+    for name, scores in rows:
         label = name if name in ("base", "uniform") else f"source `{name}`"
         if "error" in scores:
             lines.append(f"| {label} | " + " | ".join("-" for _ in columns) + " |")

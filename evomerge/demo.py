@@ -161,6 +161,7 @@ def train_family(root: Path, progress: bool = True) -> dict[str, Path]:
 def run_demo(out: str | Path, budget: int | None = None, config: str | Path | None = None, progress: bool = True) -> dict:
     from evomerge.campaign import CampaignRunner
     from evomerge.config import parse_campaign
+    from evomerge.view import winner_of
     from evomerge.errors import read_document
 
     config_path = Path(config) if config else DEMO_CONFIG
@@ -183,7 +184,7 @@ def run_demo(out: str | Path, budget: int | None = None, config: str | Path | No
     outcome = runner.run()
     if not outcome.front:
         raise EvomergeError(f"no candidate of the demo campaign finished; see `evomerge status {out}`")
-    winner = max(outcome.front, key=lambda m: m.objectives[objective.name])
+    winner = winner_of(outcome.front, objective)
 
     # The campaign scored the baselines on the held-out split, exactly like its front members.
     rows = dict(runner.journal.get("baselines") or {})
@@ -220,6 +221,7 @@ def _dataflow_rows(out: Path, objective, progress: bool) -> dict:
     """Held-out scores of the DFS and PS+DFS winners (their campaigns run in OUT/dfs and OUT/hybrid)."""
     from evomerge.errors import read_document
     from evomerge.hybrid import runner_for
+    from evomerge.view import winner_of
 
     rows = {}
     for label, path in DATAFLOW_CONFIGS.items():
@@ -227,7 +229,7 @@ def _dataflow_rows(out: Path, objective, progress: bool) -> dict:
         if progress:
             print(f"\n{label}: {path.name}", flush=True)
         front = runner_for(data, out / label, progress, str(path)).run().front
-        best = max(front, key=lambda m: m.objectives[objective.name])
+        best = winner_of(front, objective)
         rows[label] = best.holdout
     return rows
 

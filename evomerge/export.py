@@ -49,7 +49,7 @@ def choose_candidates(folder: str | Path, candidate: int | None = None, best: st
     """
     from dataclasses import asdict
 
-    from evomerge.view import front_rows, open_campaign
+    from evomerge.view import front_rows, open_campaign, winner_of
 
     journal, campaign = open_campaign(folder)
     try:
@@ -71,8 +71,7 @@ def choose_candidates(folder: str | Path, candidate: int | None = None, best: st
             raise EvomergeError(f"{folder} has no finished candidate yet; continue it with `evomerge resume {folder}`")
         if front:
             return [asdict(r) for r in rows], campaign, meta
-        sign = 1.0 if objective.direction == "maximize" else -1.0
-        return [asdict(max(rows, key=lambda r: sign * r.objectives[objective.name]))], campaign, meta  # earliest of ties
+        return [asdict(winner_of(rows, objective))], campaign, meta
     finally:
         journal.close()
 

@@ -211,13 +211,10 @@ def _prefix_rules(values: dict[str, Any]) -> list[dict]:
     the value the enclosing rule gives, ordered deepest first, ending with the most common value."""
     from collections import Counter
 
-    def leaves(prefix: tuple) -> list[str]:
-        return [n for n in values if tuple(n.split("."))[:len(prefix)] == prefix]
+    parts = {n: tuple(n.split(".")) for n in values}
+    rules: list[tuple[float, str, Any]] = []
 
-    rules: list[tuple[int, str, Any]] = []
-
-    def visit(prefix: tuple, inherited: Any) -> None:
-        names = leaves(prefix)
+    def visit(prefix: tuple, names: list[str], inherited: Any) -> None:
         common = Counter(values[n] for n in names).most_common(1)[0][0]
         dotted = ".".join(prefix)
         if common != inherited:
@@ -226,12 +223,19 @@ def _prefix_rules(values: dict[str, Any]) -> list[dict]:
             return
         if dotted in values and values[dotted] != common:  # a tensor named like the prefix of others
             rules.append((len(prefix) + 0.5, dotted, values[dotted]))
-        for child in dict.fromkeys(tuple(n.split("."))[:len(prefix) + 1] for n in names if n != dotted):
-            visit(child, common)
+        children: dict[tuple, list[str]] = {}
+        for n in names:
+            if n != dotted:
+                children.setdefault(parts[n][:len(prefix) + 1], []).append(n)
+        for child, below in children.items():
+            visit(child, below, common)
 
     default = Counter(values.values()).most_common(1)[0][0]
-    for top in dict.fromkeys(tuple(n.split("."))[:1] for n in values):
-        visit(top, default)
+    tops: dict[tuple, list[str]] = {}
+    for n in values:
+        tops.setdefault(parts[n][:1], []).append(n)
+    for top, names in tops.items():
+        visit(top, names, default)
     rules.sort(key=lambda r: -r[0])  # stable: deeper (more specific) prefixes first
     return [{"filter": text, "value": _plain(v)} for _, text, v in rules] + [{"value": _plain(default)}]
 

@@ -58,15 +58,10 @@ class Facts:
     @property
     def winner(self):
         """The best front member on the first objective (what `export --best` writes)."""
+        from evomerge.view import winner_of
+
         return winner_of(self.front, self.campaign.objectives[0])
 
-
-def winner_of(front: list, objective):
-    """The member of `front` best on `objective` (the earliest on a tie); None for an empty front."""
-    if not front:
-        return None
-    sign = 1.0 if objective.direction == "maximize" else -1.0
-    return max(front, key=lambda m: sign * m.objectives[objective.name])
 
 
 def read_facts(folder: str | Path) -> Facts:
@@ -213,22 +208,23 @@ def path_data(f: Facts) -> dict | None:
 # exactly width*DPI x height*DPI pixels.
 
 
-def size_of(name: str, data: dict) -> tuple[float, float]:
-    """The figure size (inches) a plot of `data` gets."""
-    if name == "fitness":
-        return 8.0, 0.6 + 3.0 * len(data["objectives"])
-    if name == "front":
-        n = len(data["objectives"])
-        panels = 1 if n <= 2 else n * (n - 1) // 2
-        return (7.0, 5.5) if panels == 1 else (min(5.0 * panels, 20.0), 5.0)
-    if name == "hypervolume":
-        return 8.0, 4.0
-    if name == "coefficients":
-        legend = 0.0 if data["groups"] == ["all"] else 2.0
-        return max(8.0, 2.0 + 0.35 * len(data["groups"])) + legend, 0.6 + 3.0 * len(data["parameters"])
-    if name == "path":
-        return max(8.0, 2.0 + 0.3 * len(data["steps"])), 5.0
-    raise KeyError(name)
+def _size_fitness(data: dict) -> tuple[float, float]:
+    return 8.0, 0.6 + 3.0 * len(data["objectives"])
+
+
+def _size_front(data: dict) -> tuple[float, float]:
+    n = len(data["objectives"])
+    panels = 1 if n <= 2 else n * (n - 1) // 2
+    return (7.0, 5.5) if panels == 1 else (min(5.0 * panels, 20.0), 5.0)
+
+
+def _size_coefficients(data: dict) -> tuple[float, float]:
+    legend = 0.0 if data["groups"] == ["all"] else 2.0
+    return max(8.0, 2.0 + 0.35 * len(data["groups"])) + legend, 0.6 + 3.0 * len(data["parameters"])
+
+
+def _size_path(data: dict) -> tuple[float, float]:
+    return max(8.0, 2.0 + 0.3 * len(data["steps"])), 5.0
 
 
 def draw_fitness(fig, data: dict) -> None:
@@ -394,19 +390,25 @@ def draw_path(fig, data: dict) -> None:
     ax.grid(alpha=0.3)
 
 
-PLOTS: dict[str, tuple[Callable[[Facts], dict | None], Callable]] = {
-    "fitness": (fitness_data, draw_fitness),
-    "front": (front_data, draw_front),
-    "hypervolume": (hypervolume_data, draw_hypervolume),
-    "coefficients": (coefficients_data, draw_coefficients),
-    "path": (path_data, draw_path),
+# name -> (data from the journal, drawing onto a Figure, figure size in inches for that data)
+PLOTS: dict[str, tuple[Callable[[Facts], dict | None], Callable, Callable[[dict], tuple[float, float]]]] = {
+    "fitness": (fitness_data, draw_fitness, _size_fitness),
+    "front": (front_data, draw_front, _size_front),
+    "hypervolume": (hypervolume_data, draw_hypervolume, lambda data: (8.0, 4.0)),
+    "coefficients": (coefficients_data, draw_coefficients, _size_coefficients),
+    "path": (path_data, draw_path, _size_path),
 }
+
+
+def size_of(name: str, data: dict) -> tuple[float, float]:
+    """The figure size (inches) a plot of `data` gets; the PNG is exactly that times DPI pixels."""
+    return PLOTS[name][2](data)
 
 
 def plot_data(folder: str | Path) -> dict[str, dict]:
     """The data of every plot of one campaign folder that has something to show, without drawing."""
     facts = read_facts(folder)
-    return {name: data for name, (compute, _) in PLOTS.items() if (data := compute(facts)) is not None}
+    return {name: data for name, (compute, _, _) in PLOTS.items() if (data := compute(facts)) is not None}
 
 
 def make_plots(folder: str | Path, out_dir: str | Path | None = None) -> list[Path]:

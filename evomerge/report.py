@@ -52,8 +52,8 @@ def write_report(folder: str | Path, out: str | Path | None = None) -> Path:
 
 
 def _campaign_section(folder: Path, stage: str) -> str:
-    from evomerge.plots import make_plots, winner_of
-    from evomerge.view import campaign_view, open_campaign
+    from evomerge.plots import make_plots
+    from evomerge.view import campaign_view, open_campaign, winner_of
 
     journal, campaign = open_campaign(folder)
     try:
@@ -105,9 +105,8 @@ def _table(header: list[str], rows: list[list], classes: list[str] | None = None
 
 
 def _summary(view, campaign) -> str:
-    state = "done" if view.done else ("running or stopped" if view.evaluated < view.budget else "finishing")
     rows = [["campaign", view.name],
-            ["status", f"{view.evaluated}/{view.budget} candidates evaluated, {state}"],
+            ["status", f"{view.evaluated}/{view.budget} candidates evaluated, {view.state}"],
             ["failed / stopped by racing / pending", f"{view.failed} / {view.raced} / {view.pending}"],
             ["generations", view.generations],
             ["front size", len(view.front)],
@@ -121,22 +120,22 @@ def _summary(view, campaign) -> str:
 def _holdout_table(view, baselines: dict, campaign, winner, identity: list) -> str:
     """Rows: base, each source, uniform (the baselines), then the front members with held-out scores;
     columns: the metrics, then the objectives."""
-    objectives = [o.name for o in campaign.objectives]
+    from evomerge.view import holdout_rows
+
     members = [m for m in view.front if m.holdout]
     if not members and not baselines:
         return "<p>No held-out scores (the config has no <code>holdout</code> block, or they are not scored yet).</p>"
+    columns, base_rows = holdout_rows(campaign, baselines)
     scored = [s for s in [*baselines.values(), *(m.holdout for m in members)] if isinstance(s, dict) and "error" not in s]
-    metrics = list(dict.fromkeys(k for s in scored for k in s if k not in objectives))
-    columns = [c for c in metrics + objectives if any(c in s for s in scored)]
-    order = [n for n in ("base", *campaign.sources, "uniform") if n in baselines]
-    order += [n for n in baselines if n not in order]
+    columns = list(dict.fromkeys(columns + [k for s in scored for k in s]))
+    columns = [c for c in columns if any(c in s for s in scored)]
 
     def cells(scores: dict) -> list:
         if "error" in scores:
             return [f"error: {scores['error']}"] + ["-"] * (len(columns) - 1)
         return [scores.get(c, "-") for c in columns]
 
-    rows = [[name] + cells(baselines[name]) for name in order]
+    rows = [[name] + cells(scores) for name, scores in base_rows]
     classes = [""] * len(rows)
     for m in members:
         rows.append([f"front #{m.id}" + (" (winner)" if winner is not None and m.id == winner.id else "")]

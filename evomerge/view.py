@@ -52,11 +52,36 @@ class CampaignView:
     eval_seconds: float
     infrastructure_errors: list[dict]  # pending candidates whose last attempt failed for a reason not their own
 
+    @property
+    def state(self) -> str:
+        return "done" if self.done else ("running or stopped" if self.evaluated < self.budget else "finishing")
+
     def to_json(self) -> dict:
         out = {k: v for k, v in asdict(self).items() if k != "front"}
         out["front_size"] = len(self.front)
         out["front"] = [m.id for m in self.front]
         return out
+
+
+def winner_of(front: list, objective):
+    """The front member (or row) best on `objective`, the earliest on a tie; None for an empty front.
+    What `export --best`, the demo, the card, the plots and the report all call the winner."""
+    if not front:
+        return None
+    sign = 1.0 if objective.direction == "maximize" else -1.0
+    return max(front, key=lambda m: sign * m.objectives[objective.name])
+
+
+def holdout_rows(campaign: Campaign, baselines: dict) -> tuple[list[str], list[tuple[str, dict]]]:
+    """The held-out table's baseline rows in reading order (base, each source, uniform, the rest) and the
+    score columns (metrics, then objectives) that the baselines or the campaign's objectives name."""
+    objectives = [o.name for o in campaign.objectives]
+    order = [n for n in ("base", *campaign.sources, "uniform") if n in baselines]
+    order += [n for n in baselines if n not in order]
+    scored = [s for s in baselines.values() if isinstance(s, dict) and "error" not in s]
+    metrics = [m for o in campaign.objectives for m in o.metrics]
+    metrics += [k for s in scored for k in s if k not in metrics and k not in objectives]
+    return list(dict.fromkeys(metrics + objectives)), [(n, baselines[n]) for n in order]
 
 
 def front_rows(journal: Journal, campaign: Campaign) -> list[tuple[CandidateRow, list[int]]]:
@@ -149,9 +174,8 @@ def candidate_detail(folder: str | Path, cid: int) -> dict:
 
 
 def status_lines(view: CampaignView) -> list[str]:
-    state = "done" if view.done else ("running or stopped" if view.evaluated < view.budget else "finishing")
     lines = [f"{view.name}: {view.evaluated}/{view.budget} candidates evaluated ({view.failed} failed, "
-             f"{view.raced} stopped by racing), {view.generations} generation(s), {state}"]
+             f"{view.raced} stopped by racing), {view.generations} generation(s), {view.state}"]
     for k, v in view.best.items():
         lines.append(f"  best {k}: {v:.4g}")
     lines.append(f"  front: {len(view.front)} point(s)"
