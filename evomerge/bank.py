@@ -262,6 +262,9 @@ class SourceBank:
             dest.copy_(bt.reference)
             return
         shared, per_source = recipe.resolve(bt.role, bt.name, self.num_blocks)
+        if method.direct:
+            self._direct(recipe, method, idx, bt, dest, shared, per_source)
+            return
         plan = tensor_plan(method, bt.reference.numel(), shared, per_source, self.facts(bt, idx), bt.reference.shape)
         deltas = [bt.deltas[i] for i in idx]
         keys: list[torch.Tensor | None] = [None] * len(idx)
@@ -272,6 +275,14 @@ class SourceBank:
         if self._fused(method, bt, idx, plan, keeps, recipe.seed, dest):
             return
         self._eager(bt, plan, keeps, deltas, keys, dest)
+
+    def _direct(self, recipe, method, idx, bt, dest, shared, per_source) -> None:
+        """A direct method sees whole source tensors, rebuilt from the reference and the deltas."""
+        work = torch.float64 if bt.reference.dtype == torch.float64 else torch.float32
+        ref = bt.reference.to(work)
+        sources = [ref if bt.deltas[i] is None else ref + bt.deltas[i].to(work) for i in idx]
+        seeds = [tensor_seed(recipe.seed, j, bt.name) for j in range(len(idx))]
+        dest.copy_(method.merge_direct(ref if recipe.base is not None else None, sources, shared, per_source, seeds))
 
     def _spans(self, ref: torch.Tensor, chunk: int) -> list[slice]:
         """Row ranges of about `chunk` elements; rows stay whole so per-row coefficients align."""

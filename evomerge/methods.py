@@ -322,6 +322,9 @@ class MergeMethod:
     max_sources: int | None = None
     reference: str = ""
     sparsifier: Sparsifier | None = field(default=None, compare=False)
+    # A direct method is a function of whole source tensors (SLERP of many, Karcher means, ...),
+    # outside the reference + sum(c * keep * delta) shape: it implements `merge_direct` instead of `plan`.
+    direct: bool = False
 
     @property
     def params(self) -> dict[str, Param]:
@@ -342,6 +345,15 @@ class MergeMethod:
     def ignored_parameters(self, n_sources: int, shared: dict) -> set[str]:
         """Parameters that cannot change the result in this setting (a search over them is wasted)."""
         return set()
+
+    def merge_direct(self, reference: torch.Tensor | None, sources: list[torch.Tensor], shared: dict,
+                     per_source: list[dict], seeds: list[int]) -> torch.Tensor:
+        """Direct methods only: the merged tensor from whole tensors in float32 (float64 stays float64).
+
+        `reference` is the base (None when the recipe has none); `seeds[i]` is a stable seed for the
+        source at position i and this tensor (for random methods), from `tensor_seed`.
+        """
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
@@ -516,11 +528,18 @@ def merge_tensor(
     *,
     seed: int = 0,
     tensor_name: str = "",
+    has_base: bool = True,
 ) -> torch.Tensor:
-    """Merge one tensor from scratch (reference implementation; the bank reuses its cached keys)."""
+    """Merge one tensor from scratch (reference implementation; the bank reuses its cached keys).
+
+    `has_base`: False when `reference` is not a base model but the first source standing in for
+    one (base-free recipes); direct methods then see no reference."""
     method = get_method(method) if isinstance(method, str) else method
     work = torch.float64 if reference.dtype == torch.float64 else torch.float32
     ref = reference.to(work)
+    if method.direct:
+        seeds = [tensor_seed(seed, pos, tensor_name) for pos in range(len(sources))]
+        return method.merge_direct(ref if has_base else None, [s.to(work) for s in sources], shared, per_source, seeds).to(reference.dtype)
     deltas = [s.to(work) - ref for s in sources]
     plan = tensor_plan(method, ref.numel(), shared, per_source, _DirectFacts(ref, sources, deltas), ref.shape)
     keys: list[torch.Tensor | None] = [None] * len(deltas)
