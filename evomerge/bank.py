@@ -1,18 +1,24 @@
 """SourceBank: load the sources once, then materialize any recipe over them in place, fast.
 
 The bank keeps the reference weights (the base, or the first source for base-free methods) and
-one task vector (delta = source - reference) per source, resident on the chosen device. Facts a
-method needs about a delta that do not depend on the candidate (magnitude ranks for TIES and
-breadcrumbs, DARE's random field for a seed, norms for SLERP, cosines for Model Stock) are
-computed on first use and cached. Materializing a candidate is then a few scalar look-ups per
-tensor and one pass over memory in cache-sized chunks, written straight into a preallocated
-target: no disk I/O and no allocation of a whole model.
+one task vector (delta = source - reference) per source, and nothing else element-sized: per
+tensor facts a method needs that do not depend on the candidate (a magnitude sketch for TIES and
+breadcrumbs thresholds, norms for SLERP, cosines for Model Stock) are small and cached; DARE's
+drop is hashed in the pass itself. Materializing a candidate is a few scalar look-ups per tensor
+and one pass over memory in cache-sized chunks, written straight into a preallocated target.
+
+Where the deltas live (`storage`): "device" keeps them beside the reference on the compute
+device; "host" keeps them in (pinned) host RAM and streams each tensor's deltas to the device
+just ahead of its merge, the copy of the next tensor overlapping the merge of this one, so a
+bank larger than the device still runs. `quantize=8` stores deltas as int8 with one scale per
+row (a quarter of float32, half of bfloat16; lossy: opt in).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import torch
 
@@ -21,12 +27,16 @@ from evomerge.checkpoint import Checkpoint
 from evomerge.errors import EvomergeError
 from evomerge.kernels import compiled_masked_combine, mark_broken
 from evomerge.methods import (
+    FIELD_LEVELS,
+    SKETCH_SIZE,
+    ExactOrder,
     MergeMethod,
+    SketchOrder,
     combine,
-    drop_field,
-    magnitude_rank,
+    field_words,
+    keep_mask,
     pairwise_cosines,
-    rescaled_keeps,
+    resolved_keeps,
     tensor_plan,
     tensor_seed,
 )
@@ -38,12 +48,50 @@ FUSED_CHUNK = 1 << 20
 AUTO_COMPILE_PARAMS = 20_000_000  # below this, compiling (~30 s once) costs more than it saves
 
 
+STORAGES = ("device", "host")
+
+
+@dataclass
+class QuantizedDelta:
+    """A delta as int8 with one float32 scale per row (absmax / 127): error at most half a step."""
+
+    values: torch.Tensor
+    scales: torch.Tensor  # (rows, 1, ...): broadcasts over each row
+
+    @classmethod
+    def of(cls, delta: torch.Tensor) -> "QuantizedDelta":
+        rows = delta.reshape(delta.shape[0], -1).float()
+        scales = (rows.abs().amax(1, keepdim=True) / 127).clamp(min=1e-30)
+        values = (rows / scales).round_().clamp_(-127, 127).to(torch.int8).reshape(delta.shape)
+        return cls(values, scales.reshape(-1, *([1] * (delta.dim() - 1))))
+
+    def into(self, out: torch.Tensor) -> torch.Tensor:
+        values, scales = self.values.to(out.device, non_blocking=True), self.scales.to(out.device, non_blocking=True)
+        return torch.mul(values, scales, out=out) if out.dtype == torch.float32 else out.copy_(values * scales)
+
+    def pin_memory(self) -> "QuantizedDelta":
+        return QuantizedDelta(self.values.pin_memory(), self.scales.pin_memory())
+
+    @property
+    def nbytes(self) -> int:
+        return self.values.numel() + self.scales.numel() * 4
+
+
+Delta = torch.Tensor | QuantizedDelta | None  # None: the source *is* the reference (zero delta)
+
+
+def _nbytes(t: torch.Tensor | QuantizedDelta | None) -> int:
+    if t is None:
+        return 0
+    return t.nbytes if isinstance(t, QuantizedDelta) else t.numel() * t.element_size()
+
+
 @dataclass
 class BankTensor:
     name: str
     role: TensorRole
     reference: torch.Tensor
-    deltas: list[torch.Tensor | None]  # None: the source *is* the reference (zero delta)
+    deltas: list[Delta]
     merged: bool = True  # False: outside a component merge, kept from the base bit for bit
 
 
@@ -123,14 +171,13 @@ class SourceBank:
         progress: bool = False,
         compile: bool | None = None,
         component: dict[str, str] | None = None,
+        storage: str = "device",
+        quantize: int | None = None,
     ):
         """`compile`: fuse sparsified merges with torch.compile (None: when the model is large).
-        `component`: merge only base tensors under these prefixes (see Recipe.component)."""
-        self.component = dict(component) if component else None
-        self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-        self.device = torch.device(device)
-        self.sources = list(dict.fromkeys(str(s) for s in sources))
-        self.base = str(base) if base is not None else None
+        `component`: merge only base tensors under these prefixes (see Recipe.component).
+        `storage`: "device" or "host" (deltas in host RAM, streamed per tensor); `quantize`: None or 8."""
+        self._configure(sources, base, dtype, device, component, storage, quantize)
         reference_ref = self.base or self.sources[0]
         ref_ckpt = Checkpoint(reference_ref, allow_pickle=allow_pickle)
         self.reference_path = ref_ckpt.path
@@ -143,9 +190,6 @@ class SourceBank:
             raise EvomergeError(f"component {self.component} matches no tensor of {reference_ref}; "
                                 f"its tensors start like {names[0]!r}")
         self.num_blocks = count_blocks(merged_names, self.model_type)
-        self.tensors: dict[str, BankTensor] = {}
-        self._keys: dict[tuple, torch.Tensor] = {}  # per-element keys: magnitude ranks, drop fields
-        self._facts: dict[tuple, object] = {}  # per-tensor facts: norms, cosines
         ref_shapes = ref_ckpt.shapes()
         check_compatible(reference_ref, ref_shapes,
                          {s: (ref_shapes if ck.path == self.reference_path else ck.shapes())
@@ -155,45 +199,89 @@ class SourceBank:
             from tqdm import tqdm
 
             it = tqdm(names, desc="loading sources", unit="tensor")
+        where = self.store_device
         for name in it:
-            ref = ref_ckpt.get(name, self.dtype, self.device)
             src_name = component_source_name(name, self.component)
-            deltas: list[torch.Tensor | None] = []
-            for ck in source_ckpts if src_name is not None else ():
-                if ck.path == self.reference_path:  # the base itself: a zero delta, whatever the mapping
-                    deltas.append(None)
-                else:
-                    deltas.append(ck.get(src_name, self.dtype, self.device).sub_(ref))
-            self.tensors[name] = BankTensor(name, classify(name, self.model_type), ref, deltas, src_name is not None)
+            self._add(name, ref_ckpt.get(name, self.dtype, where),
+                      [None if ck.path == self.reference_path else (lambda ck=ck: ck.get(src_name, self.dtype, where))
+                       for ck in (source_ckpts if src_name is not None else ())], src_name is not None)
+        self._finish(compile)
+
+    @classmethod
+    def from_tensors(
+        cls,
+        reference: Mapping[str, torch.Tensor],
+        sources: list[Mapping[str, torch.Tensor]],
+        *,
+        model_type: str = "llama",
+        config: dict | None = None,
+        dtype: str | torch.dtype = "float32",
+        device: str | torch.device = "cpu",
+        compile: bool | None = None,
+        storage: str = "device",
+        quantize: int | None = None,
+        base: bool = True,
+    ) -> "SourceBank":
+        """A bank over tensors already in memory (benchmarks): sources are named source0, source1, ...
+        and the reference "base" (with `base=False` the reference is source0 itself)."""
+        bank = cls.__new__(cls)
+        labels = [f"source{i}" for i in range(len(sources))]
+        bank._configure(labels, "base" if base else None, dtype, device, None, storage, quantize)
+        bank.reference_path, bank.config, bank.model_type = None, dict(config or {}), model_type
+        bank.num_blocks = count_blocks(list(reference), model_type)
+        for name, ref in reference.items():
+            bank._add(name, ref.to(bank.store_device, bank.dtype),
+                      [None if (not base and i == 0) else (lambda s=s: s[name].to(bank.store_device, bank.dtype))
+                       for i, s in enumerate(sources)], True)
+        bank._finish(compile)
+        return bank
+
+    def _configure(self, sources, base, dtype, device, component, storage, quantize) -> None:
+        if storage not in STORAGES:
+            raise EvomergeError(f"bank storage {storage!r}: choose one of {', '.join(STORAGES)}")
+        if quantize not in (None, 8):
+            raise EvomergeError(f"bank quantize {quantize!r}: choose none or 8 (int8 deltas with per-row scales)")
+        self.component = dict(component) if component else None
+        self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+        self.device = torch.device(device)
+        self.storage, self.quantize = storage, quantize
+        self.store_device = self.device if storage == "device" else torch.device("cpu")
+        self.sources = list(dict.fromkeys(str(s) for s in sources))
+        self.base = str(base) if base is not None else None
+        self.tensors: dict[str, BankTensor] = {}
+        self._facts: dict[tuple, object] = {}  # per-tensor facts: sketches, norms, cosines
+
+    def _add(self, name: str, ref: torch.Tensor, loaders: list, merged: bool) -> None:
+        """One tensor: its reference and, per source, the delta as this bank stores it."""
+        pin = self.storage == "host" and self.device.type == "cuda"
+        deltas: list[Delta] = []
+        for load in loaders:
+            if load is None:  # the base itself: a zero delta, whatever the mapping
+                deltas.append(None)
+                continue
+            delta: Delta = load().sub_(ref)
+            if self.quantize and delta.dim() > 1:
+                delta = QuantizedDelta.of(delta)
+            deltas.append(delta.pin_memory() if pin else delta)
+        self.tensors[name] = BankTensor(name, classify(name, self.model_type), ref.to(self.device), deltas, merged)
+
+    def _finish(self, compile: bool | None) -> None:
         self.num_params = sum(bt.reference.numel() for bt in self.tensors.values())
         self.compile = compile if compile is not None else self.num_params >= AUTO_COMPILE_PARAMS
+        streamed = self.storage == "host" or any(isinstance(d, QuantizedDelta) for bt in self.tensors.values()
+                                                 for d in bt.deltas)
+        self._stager = _Stager(self) if streamed else None
 
-    # -- cached per-source facts --------------------------------------------------------------
+    # -- cached per-tensor facts --------------------------------------------------------------
 
-    def _delta(self, bt: BankTensor, i: int) -> torch.Tensor:
-        """The delta, materialized as zeros only where a method must inspect it (ranks, cosines)."""
-        d = bt.deltas[i]
-        if d is None:
-            d = torch.zeros_like(bt.reference)
-            bt.deltas[i] = d
-        return d
-
-    def _element_key(self, kind: str, bt: BankTensor, i: int, position: int, seed: int) -> torch.Tensor:
-        """A sparsifier's per-element key for source i (at `position` in the recipe): computed once."""
-        if kind == "rank":
-            key = ("rank", bt.name, i)
-            if key not in self._keys:
-                self._keys[key] = magnitude_rank(self._delta(bt, i))
-            return self._keys[key]
-        # DARE's field depends on the recipe's seed and the source's position, not on which source
-        key = ("field", bt.name, position)
-        if self._facts.get(("field_seed",) + key[1:]) != seed or key not in self._keys:
-            self._keys[key] = drop_field(bt.reference.shape, tensor_seed(seed, position, bt.name)).to(self.device)
-            self._facts[("field_seed",) + key[1:]] = seed
-        return self._keys[key]
-
-    def facts(self, bt: BankTensor, idx: list[int]) -> "BankFacts":
-        return BankFacts(self, bt, idx)
+    def _order(self, bt: BankTensor, i: int, delta: torch.Tensor) -> ExactOrder | SketchOrder:
+        """Magnitude order statistics of source i's delta: exact for small tensors, else a sketch."""
+        if delta.numel() <= SKETCH_SIZE:
+            return ExactOrder(delta)
+        key = ("sketch", bt.name, i)
+        if key not in self._facts:
+            self._facts[key] = SketchOrder(delta, tensor_seed(0, i, bt.name))
+        return self._facts[key]
 
     # -- materialization ----------------------------------------------------------------------
 
@@ -223,13 +311,19 @@ class SourceBank:
         method = recipe.merge_method
         idx = self.source_indices(recipe)
         target = self._target_map(out, recipe)
+        work = [(bt, target[name]) for name, bt in self.tensors.items() if name in target]
         with torch.no_grad():
-            for name, bt in self.tensors.items():
-                dest = target.get(name)
-                if dest is None:
-                    continue
-                self._materialize_tensor(recipe, method, idx, bt, dest)
+            for bt, dest, deltas in self._with_deltas(work, idx):
+                self._materialize_tensor(recipe, method, idx, bt, dest, deltas)
         return target
+
+    def _with_deltas(self, work: list, idx: list[int]) -> Iterator[tuple[BankTensor, torch.Tensor, list]]:
+        """(tensor, destination, the recipe's deltas on the compute device), tensor after tensor."""
+        if self._stager is None:
+            for bt, dest in work:
+                yield bt, dest, [bt.deltas[i] for i in idx]
+            return
+        yield from self._stager.stream(work, idx)
 
     def _target_map(self, out, recipe: Recipe) -> Mapping[str, torch.Tensor]:
         if out is None:
@@ -255,7 +349,8 @@ class SourceBank:
             return target
         return out
 
-    def _materialize_tensor(self, recipe: Recipe, method: MergeMethod, idx: list[int], bt: BankTensor, dest: torch.Tensor) -> None:
+    def _materialize_tensor(self, recipe: Recipe, method: MergeMethod, idx: list[int], bt: BankTensor,
+                            dest: torch.Tensor, deltas: list[torch.Tensor | None]) -> None:
         if dest.shape != bt.reference.shape:
             raise EvomergeError(f"target tensor {bt.name} has shape {tuple(dest.shape)}, expected {tuple(bt.reference.shape)}")
         if not bt.merged:
@@ -263,43 +358,48 @@ class SourceBank:
             return
         shared, per_source = recipe.resolve(bt.role, bt.name, self.num_blocks)
         if method.direct:
-            self._direct(recipe, method, idx, bt, dest, shared, per_source)
+            self._direct(recipe, method, bt, dest, deltas, shared, per_source)
             return
-        plan = tensor_plan(method, bt.reference.numel(), shared, per_source, self.facts(bt, idx), bt.reference.shape)
-        deltas = [bt.deltas[i] for i in idx]
-        keys: list[torch.Tensor | None] = [None] * len(idx)
-        for j, (i, keep) in enumerate(zip(idx, plan.keeps)):
-            if deltas[j] is not None and keep.kind == "range":
-                keys[j] = self._element_key(method.element_key, bt, i, j, recipe.seed)
-        keeps = rescaled_keeps(plan, deltas, keys)
-        if self._fused(method, bt, idx, plan, keeps, recipe.seed, dest):
+        plan = tensor_plan(method, bt.reference.numel(), shared, per_source, BankFacts(self, bt, idx, deltas),
+                           bt.reference.shape)
+        orders = [self._order(bt, i, d) if d is not None and k.kind == "ranks" else None
+                  for i, d, k in zip(idx, deltas, plan.keeps)]
+        keeps = resolved_keeps(plan, deltas, orders)
+        words = [field_words(tensor_seed(recipe.seed, j, bt.name)) for j in range(len(idx))]
+        if self._fused(method, bt, plan, keeps, deltas, words, dest):
             return
-        self._eager(bt, plan, keeps, deltas, keys, dest)
+        self._eager(method, bt, plan, keeps, deltas, words, dest)
 
-    def _direct(self, recipe, method, idx, bt, dest, shared, per_source) -> None:
+    def _direct(self, recipe, method, bt, dest, deltas, shared, per_source) -> None:
         """A direct method sees whole source tensors, rebuilt from the reference and the deltas."""
         work = torch.float64 if bt.reference.dtype == torch.float64 else torch.float32
         ref = bt.reference.to(work)
-        sources = [ref if bt.deltas[i] is None else ref + bt.deltas[i].to(work) for i in idx]
-        seeds = [tensor_seed(recipe.seed, j, bt.name) for j in range(len(idx))]
+        sources = [ref if d is None else ref + d.to(work) for d in deltas]
+        seeds = [tensor_seed(recipe.seed, j, bt.name) for j in range(len(deltas))]
         dest.copy_(method.merge_direct(ref if recipe.base is not None else None, sources, shared, per_source, seeds))
 
-    def _spans(self, ref: torch.Tensor, chunk: int) -> list[slice]:
-        """Row ranges of about `chunk` elements; rows stay whole so per-row coefficients align."""
+    def _spans(self, ref: torch.Tensor, chunk: int) -> list[tuple[slice, int]]:
+        """(row range, flat index of its first element) of about `chunk` elements; rows stay whole so
+        per-row coefficients align."""
         if ref.dim() == 0 or self.device.type != "cpu":
-            return [slice(None)]
+            return [(slice(None), 0)]
         rows = ref.shape[0]
-        step = max(1, chunk // max(1, ref.numel() // max(rows, 1)))
-        return [slice(s, min(rows, s + step)) for s in range(0, rows, step)]
+        row_numel = ref.numel() // max(rows, 1)
+        step = max(1, chunk // max(1, row_numel))
+        return [(slice(s, min(rows, s + step)), s * row_numel) for s in range(0, rows, step)]
 
-    def _eager(self, bt, plan, keeps, deltas, keys, dest) -> None:
-        for sl in self._spans(bt.reference, EAGER_CHUNK):
+    def _eager(self, method, bt, plan, keeps, deltas, words, dest) -> None:
+        kind = method.element_key
+        for sl, start in self._spans(bt.reference, EAGER_CHUNK):
+            parts = [d[sl] if d is not None else None for d in deltas]
+            masks = [keep_mask(kind, k, d, start, w) if d is not None and k.kind == "range" else None
+                     for k, d, w in zip(keeps, parts, words)]
             combine(
                 bt.reference[sl],
-                [d[sl] if d is not None else None for d in deltas],
+                parts,
                 [c[sl] if isinstance(c, torch.Tensor) else c for c in plan.coefficients],
                 keeps,
-                [k[sl] if k is not None else None for k in keys],
+                masks,
                 ref_coefficient=plan.ref_coefficient,
                 consensus=plan.consensus,
                 normalize=plan.normalize,
@@ -308,67 +408,132 @@ class SourceBank:
                 out=dest[sl],
             )
 
-    def _fused(self, method, bt, idx, plan, keeps, seed, dest) -> bool:
+    def _fused(self, method, bt, plan, keeps, deltas, words, dest) -> bool:
         """Run a sparsified merge through the compiled kernel; False when it does not apply."""
-        sparsifier = method.sparsifier
-        if not self.compile or sparsifier is None or plan.ref_coefficient != 1.0:
+        kind = method.element_key
+        if not self.compile or kind is None or plan.ref_coefficient != 1.0:
             return False
-        if any(bt.deltas[i] is None for i in idx) or any(isinstance(c, torch.Tensor) for c in plan.coefficients):
+        if any(d is None for d in deltas) or any(isinstance(c, torch.Tensor) for c in plan.coefficients):
+            return False
+        if any(k.kind == "ranks" or k.needs_index for k in keeps):  # exact ties need the index: eager
             return False
         kernel = compiled_masked_combine()
         if kernel is None:
             return False
-        full = sparsifier.full_range(bt.reference.numel())
-        keys = [self._element_key(sparsifier.key, bt, i, j, seed) for j, i in enumerate(idx)]
-        bounds = [keep.bounds(full) for keep in keeps]
         dev = self.device
+        everything = {"all": (0.0, math.inf, FIELD_LEVELS), "none": (math.inf, math.inf, 0)}
+        bounds = [everything[k.kind] if k.kind in everything else (k.lo, k.hi, int(k.hi) if kind == "field" else 0) for k in keeps]
         weights = plan.weights or [float(c) for c in plan.coefficients]
         total = float(sum(weights))
         args = dict(
-            lo=torch.tensor([b[0] for b in bounds], dtype=torch.int64, device=dev),
-            hi=torch.tensor([b[1] for b in bounds], dtype=torch.int64, device=dev),
+            lo=torch.tensor([b[0] for b in bounds], dtype=torch.float32, device=dev),
+            hi=torch.tensor([b[1] for b in bounds], dtype=torch.float32, device=dev),
+            level=torch.tensor([b[2] for b in bounds], dtype=torch.int64, device=dev),
+            words=torch.tensor(words, dtype=torch.int64, device=dev),
             coef=torch.tensor([float(c) * k.scale for c, k in zip(plan.coefficients, keeps)], device=dev),
             weights=torch.tensor(weights, device=dev),
             lam=torch.tensor(float(plan.lam), device=dev),
             weight_sum=torch.tensor(total if abs(total) >= 1e-8 else 1.0, device=dev),
+            key_kind=kind,
             consensus=plan.consensus,
             normalize=plan.normalize,
         )
-        deltas = [bt.deltas[i] for i in idx]
         try:
-            for sl in self._spans(bt.reference, FUSED_CHUNK):
-                kernel(bt.reference[sl], [d[sl] for d in deltas], [k[sl] for k in keys], out=dest[sl], **args)
+            for sl, start in self._spans(bt.reference, FUSED_CHUNK):
+                kernel(bt.reference[sl], [d[sl] for d in deltas], out=dest[sl],
+                       start=torch.tensor(start, dtype=torch.int64, device=dev), **args)
         except Exception as exc:  # no compiler / backend here: remember, and use eager from now on
             mark_broken(exc)
             return False
         return True
 
     def memory_bytes(self) -> int:
-        total = 0
-        for bt in self.tensors.values():
-            total += bt.reference.numel() * bt.reference.element_size()
-            total += sum(d.numel() * d.element_size() for d in bt.deltas if d is not None)
-        total += sum(k.numel() * k.element_size() for k in self._keys.values())
-        return total
+        """Bytes the bank holds: reference, deltas, cached facts and staging buffers."""
+        total = sum(_nbytes(bt.reference) + sum(_nbytes(d) for d in bt.deltas) for bt in self.tensors.values())
+        total += sum(_nbytes(v) if isinstance(v, torch.Tensor) else getattr(v, "nbytes", 0) for v in self._facts.values())
+        return total + (self._stager.nbytes if self._stager else 0)
+
+    def device_bytes(self) -> int:
+        """The part of `memory_bytes` on the compute device (all of it unless storage is host)."""
+        if self.storage == "device":
+            return self.memory_bytes()
+        refs = sum(_nbytes(bt.reference) for bt in self.tensors.values())
+        return refs + (self._stager.nbytes if self._stager else 0)
+
+
+class _Stager:
+    """Brings each tensor's stored deltas to the compute device as plain tensors, into two reused
+    buffer sets (this tensor's and the next one's). On CUDA the next tensor's copy (and int8
+    dequantization) runs on a side stream while this one merges; elsewhere it is done in turn."""
+
+    def __init__(self, bank: SourceBank):
+        biggest = max(bt.reference.numel() for bt in bank.tensors.values())
+        self.slots = [[torch.empty(biggest, dtype=bank.dtype, device=bank.device) for _ in bank.sources] for _ in range(2)]
+        self.side = torch.cuda.Stream(bank.device) if bank.device.type == "cuda" else None
+        self.released: list = [None, None]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_nbytes(b) for slot in self.slots for b in slot)
+
+    def _stage(self, slot: int, bt: BankTensor, idx: list[int]) -> list[torch.Tensor | None]:
+        out: list[torch.Tensor | None] = []
+        for j, i in enumerate(idx):
+            d = bt.deltas[i]
+            if d is None:
+                out.append(None)
+                continue
+            buf = self.slots[slot][j][: bt.reference.numel()].view(bt.reference.shape)
+            out.append(d.into(buf) if isinstance(d, QuantizedDelta) else buf.copy_(d, non_blocking=True))
+        return out
+
+    def _issue(self, k: int, bt: BankTensor, idx: list[int]):
+        slot = k % 2
+        if self.side is None:
+            return self._stage(slot, bt, idx), None
+        if self.released[slot] is not None:  # the merge that last read this slot must be done with it
+            self.side.wait_event(self.released[slot])
+        with torch.cuda.stream(self.side):
+            deltas = self._stage(slot, bt, idx)
+            ready = torch.cuda.Event()
+            ready.record(self.side)
+        return deltas, ready
+
+    def stream(self, work: list, idx: list[int]) -> Iterator[tuple[BankTensor, torch.Tensor, list]]:
+        upcoming = self._issue(0, work[0][0], idx) if work else None
+        for k, (bt, dest) in enumerate(work):
+            deltas, ready = upcoming
+            if ready is not None:
+                torch.cuda.current_stream().wait_event(ready)
+            if k + 1 < len(work):
+                upcoming = self._issue(k + 1, work[k + 1][0], idx)
+            yield bt, dest, deltas
+            if self.side is not None:
+                done = torch.cuda.Event()
+                done.record(torch.cuda.current_stream())
+                self.released[k % 2] = done
 
 
 class BankFacts:
     """The TensorFacts of one bank tensor for the recipe's sources, cached across candidates."""
 
-    def __init__(self, bank: SourceBank, bt: BankTensor, idx: list[int]):
-        self.bank, self.bt, self.idx = bank, bt, idx
+    def __init__(self, bank: SourceBank, bt: BankTensor, idx: list[int], deltas: list[torch.Tensor | None]):
+        self.bank, self.bt, self.idx, self.deltas = bank, bt, idx, deltas
+
+    def _delta(self, position: int) -> torch.Tensor:
+        d = self.deltas[position]
+        return torch.zeros_like(self.bt.reference) if d is None else d
 
     def norms_and_dot(self, position: int) -> tuple[float, float, float]:
-        i = self.idx[position]
-        key = ("norms", self.bt.name, i)
+        key = ("norms", self.bt.name, self.idx[position])
         if key not in self.bank._facts:
             ref = self.bt.reference
-            other = ref + self.bank._delta(self.bt, i)
+            other = ref + self._delta(position)
             self.bank._facts[key] = (ref.norm().item(), other.norm().item(), (ref * other).sum().item())
         return self.bank._facts[key]
 
     def cosines(self, rowwise: bool) -> torch.Tensor:
         key = ("cos", self.bt.name, tuple(self.idx), rowwise)
         if key not in self.bank._facts:
-            self.bank._facts[key] = pairwise_cosines([self.bank._delta(self.bt, i) for i in self.idx], rowwise)
+            self.bank._facts[key] = pairwise_cosines([self._delta(j) for j in range(len(self.idx))], rowwise)
         return self.bank._facts[key]

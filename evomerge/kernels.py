@@ -8,7 +8,10 @@ TIES's sign election needs no stacking: with T_i the weighted, masked deltas and
 their positive parts, the agreeing sum is P where sum(T) >= 0 and sum(T) - P elsewhere; the
 divisor is likewise the weight of the positive or the negative contributors.
 
-Every per-candidate number (thresholds, coefficients) arrives as a tensor, so a new candidate
+Keep masks are computed in the loop too: a magnitude threshold compares |delta|, DARE's drop
+hashes the element index, so no per-element key is read from memory.
+
+Every per-candidate number (thresholds, coefficients, hash words) arrives as a tensor, so a new candidate
 never triggers a recompile; only the number of sources and the two flags shape the kernel.
 """
 
@@ -19,25 +22,37 @@ import warnings
 
 import torch
 
+from evomerge.methods import drop_field
+
 
 def masked_combine(
     ref: torch.Tensor,
     deltas: list[torch.Tensor],
-    keys: list[torch.Tensor],
-    lo: torch.Tensor,  # (S,) int64: keep element j of source i when lo[i] <= keys[i][j] < hi[i]
+    lo: torch.Tensor,  # (S,) float: magnitude keys keep lo[i] <= |delta_i| < hi[i]
     hi: torch.Tensor,
+    level: torch.Tensor,  # (S,) int64: field keys keep drop_field(j) < level[i]
+    words: torch.Tensor,  # (S, 2) int64: each source's hash words (field keys)
+    start: torch.Tensor,  # () int64: flat index of this chunk's first element (field keys)
     coef: torch.Tensor,  # (S,) float: weight x rescale factor
     weights: torch.Tensor,  # (S,) float: the weights that TIES's divisor sums
     lam: torch.Tensor,  # () float
     weight_sum: torch.Tensor,  # () float: the divisor without consensus
     out: torch.Tensor,
+    key_kind: str,
     consensus: bool,
     normalize: bool,
 ) -> None:
     terms = []
+    if key_kind == "field":
+        index = (torch.arange(ref.numel(), device=ref.device, dtype=torch.int64) + start).reshape(ref.shape)
     for i in range(len(deltas)):
-        keep = (keys[i] >= lo[i]) & (keys[i] < hi[i])
-        terms.append(torch.where(keep, deltas[i].float() * coef[i], 0.0))
+        d = deltas[i].float()
+        if key_kind == "field":
+            keep = drop_field(index, (words[i, 0], words[i, 1])) < level[i]
+        else:
+            m = d.abs()
+            keep = (m >= lo[i]) & (m < hi[i])
+        terms.append(torch.where(keep, d * coef[i], 0.0))
     total = terms[0]
     for t in terms[1:]:
         total = total + t

@@ -17,7 +17,8 @@ from evomerge.methods import METHODS
 from evomerge.recipe import Recipe
 
 SHARED_METHODS = ("linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
-                  "breadcrumbs_ties", "slerp", "model_stock")
+                  "breadcrumbs_ties", "slerp", "model_stock", "della", "della_linear", "sce", "nuslerp", "multislerp",
+                  "karcher")
 _IGNORED = {"int8_mask"}  # changes mergekit's memory use, not the merged values
 
 
@@ -177,7 +178,7 @@ def to_mergekit(recipe: Recipe, allow_pickle: bool = False) -> dict:
               for i, s in enumerate(recipe.sources)
               for params in [{k: setting(lambda sh, ps, k=k, i=i: ps[i][k]) for k in method.source_params}]]
     config: dict = {"merge_method": method.name}
-    if method.needs_base:
+    if method.needs_base or (method.direct and recipe.base):  # nuslerp, multislerp, karcher: a base is optional
         config["base_model"] = recipe.base
         if method.name == "slerp":  # mergekit's slerp lists the base among its two models
             models.insert(0, {"model": recipe.base})

@@ -11,12 +11,14 @@ object carries exactly that: `plan()` turns resolved parameters into coefficient
 for the per-tensor facts it needs (norms, cosines). A new method is one class and one
 `register()` call; nothing else in the engine names methods.
 
-Splitting the work that way is what makes the in-memory materializer fast: the expensive facts
-(magnitude ranks, DARE random fields, norms and dot products) are computed once per source, and
-each candidate needs a few scalar look-ups plus one fused pass over memory (`combine`).
+Splitting the work that way is what makes the in-memory materializer fast: the per-tensor facts
+(magnitude sketches, norms and dot products) are computed once per source, DARE's drop is a hash
+computed in the pass itself, and each candidate needs a few scalar look-ups plus one fused pass
+over memory (`combine`, or the compiled kernel in kernels.py).
 
-`merge_tensor` runs a whole method on whole tensors from scratch; the `SourceBank` runs the
-same objects on cached keys and chunks. Both give the same bits.
+`merge_tensor` runs a whole method on whole tensors from scratch, exactly; the `SourceBank` runs
+the same objects on cached facts and chunks. Both give the same bits, except that the bank
+thresholds large tensors' magnitudes from a sketch (see `SketchOrder`).
 """
 
 from __future__ import annotations
@@ -31,20 +33,20 @@ import torch
 from evomerge.errors import EvomergeError
 
 # ---------------------------------------------------------------------------------------------
-# Per-element keys: computed once per tensor and source, reused by every candidate. A keep mask
-# is a range of key values, so any density is one comparison per element, never a sort.
+# Keep rules. A keep mask is a range over a per-element key, so any density costs one comparison
+# per element and the bank stores nothing element-sized beside the deltas:
+#  - magnitude sparsifiers (TIES, breadcrumbs) order elements by (|delta|, index), the index
+#    breaking ties the way a stable sort would; a density is a range of ranks, turned into bounds
+#    on that pair by an order statistic: exact by selection (no sort), or from a small sketch;
+#  - DARE keeps element j when a counter-based hash of (seed, source position, tensor, j) falls
+#    below a level: computed where it is used, identical on every device, nested across densities.
 
 FIELD_LEVELS = 1 << 16  # DARE's drop field resolution: densities are honoured to 1/65536
-FIELD_RANGE = (-(FIELD_LEVELS // 2), FIELD_LEVELS // 2)
-
-
-def magnitude_rank(delta: torch.Tensor) -> torch.Tensor:
-    """Rank of each element's |delta| in ascending order (int32), so top-k is `rank >= n - k`."""
-    flat = delta.reshape(-1).abs().float()
-    order = torch.argsort(flat, stable=True)
-    rank = torch.empty_like(order, dtype=torch.int32)
-    rank[order] = torch.arange(flat.numel(), dtype=torch.int32, device=flat.device)
-    return rank.reshape(delta.shape)
+SKETCH_SIZE = 1 << 16  # magnitudes sampled per large tensor and source for approximate thresholds
+_M32 = 0xFFFFFFFF
+# Odd multipliers below 2^31: x (< 2^32) * c stays below 2^63, so plain int64 arithmetic never
+# overflows and eager CPU, CUDA and compiled kernels all agree bit for bit.
+_MUL = (0x7FEB352D, 0x2C1B3C6D)
 
 
 def tensor_seed(seed: int, position: int, tensor: str) -> int:
@@ -56,58 +58,138 @@ def tensor_seed(seed: int, position: int, tensor: str) -> int:
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
 
 
-def drop_field(shape: torch.Size | tuple[int, ...], seed: int) -> torch.Tensor:
-    """Uniform noise in [-2^15, 2^15) (one value per element) from a CPU generator, so CPU and
-    CUDA agree. Stored as int32: compiled kernels vectorize int32 loads, not int16 ones.
+def field_words(seed: int) -> tuple[int, int]:
+    """The two 32-bit words of a tensor seed that key DARE's hash."""
+    return seed & _M32, (seed >> 32) & _M32
 
-    DARE keeps element j when field[j] < threshold(density); one field serves every density,
-    and the kept sets are nested: raising the density only adds elements.
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = (x * _MUL[0]) & _M32
+    x = x ^ (x >> 15)
+    x = (x * _MUL[1]) & _M32
+    return x ^ (x >> 16)
+
+
+def drop_field(index: torch.Tensor, words: tuple[int, int] | torch.Tensor) -> torch.Tensor:
+    """DARE's per-element value in [0, 2^16) for flat element indices `index` (int64, < 2^32).
+
+    Element j survives density d when field[j] < round(d * 2^16): one field serves every density.
     """
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.randint(FIELD_RANGE[0], FIELD_RANGE[1], tuple(shape), generator=gen, dtype=torch.int32)
+    x = _mix((index & _M32) ^ words[0])
+    return _mix(x ^ words[1]) >> 16
+
+
+def element_index(start: int, like: torch.Tensor) -> torch.Tensor:
+    """Flat indices of a chunk of a tensor whose first element has flat index `start`."""
+    return torch.arange(start, start + like.numel(), device=like.device, dtype=torch.int64).reshape(like.shape)
 
 
 @dataclass(frozen=True)
 class Keep:
     """Which elements of a delta survive, and the factor applied to survivors.
 
-    kind "all" keeps everything, "none" nothing, "range" the elements whose key (a magnitude
-    rank or a drop-field value) lies in [lo, hi).
+    kind "all" keeps everything, "none" nothing, "ranks" the elements whose magnitude rank lies in
+    [lo, hi) (resolved per tensor by an order statistic into a "range"), "range" the elements whose
+    key lies in [lo, hi): for magnitudes the key is the pair (|delta|, index), compared
+    lexicographically against (lo, lo_index) and (hi, hi_index); for DARE it is the drop field.
     """
 
     kind: str
-    lo: int = 0
-    hi: int = 0
+    lo: float = 0
+    hi: float = 0
     scale: float = 1.0
+    lo_index: int = 0
+    hi_index: int = 0
 
-    def mask(self, key: torch.Tensor) -> torch.Tensor:
-        if self.lo <= 0:  # lo is the floor of the key's range (rank 0, or the field's minimum): one comparison
-            return key < self.hi
-        return (key >= self.lo) & (key < self.hi)
+    @property
+    def needs_index(self) -> bool:
+        return bool(self.lo_index or self.hi_index)
 
-    def bounds(self, full: tuple[int, int]) -> tuple[int, int]:
-        """[lo, hi) in key space, given the range that covers every element."""
-        if self.kind == "all":
-            return full
-        if self.kind == "none":
-            return full[0], full[0]
-        return self.lo, self.hi
+    def mask(self, key: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Keys are never negative, so a lower bound of 0 (with no index part) keeps everything."""
+        masks = []
+        if self.lo > 0 or self.lo_index:
+            masks.append(key >= self.lo if not self.lo_index else (key > self.lo) | ((key == self.lo) & (index >= self.lo_index)))
+        if self.hi != math.inf:
+            masks.append(key < self.hi if not self.hi_index else (key < self.hi) | ((key == self.hi) & (index < self.hi_index)))
+        if not masks:
+            return torch.ones_like(key, dtype=torch.bool)
+        return masks[0] & masks[1] if len(masks) == 2 else masks[0]
 
     def with_scale(self, scale: float) -> "Keep":
-        return Keep(self.kind, self.lo, self.hi, scale)
+        return Keep(self.kind, self.lo, self.hi, scale, self.lo_index, self.hi_index)
 
 
 KEEP_ALL = Keep("all")
 KEEP_NONE = Keep("none")
 
 
+class ExactOrder:
+    """Exact order statistics of (|delta|, index) by selection (kthvalue): no sort, nothing cached."""
+
+    def __init__(self, delta: torch.Tensor):
+        self.magnitude = delta.reshape(-1).abs().float()
+
+    def at(self, rank: int) -> tuple[float, int]:
+        """(value, index) of the element of this rank in ascending (|delta|, index) order."""
+        m = self.magnitude
+        if rank >= m.numel():
+            return math.inf, 0
+        if rank <= 0:
+            return 0.0, 0
+        value = m.kthvalue(rank + 1).values
+        below = int((m < value).sum())
+        if rank == below:  # the first of its equals: the value alone is the bound
+            return float(value), 0
+        return float(value), int(torch.nonzero(m == value)[rank - below, 0])
+
+
+class SketchOrder:
+    """Approximate order statistics from SKETCH_SIZE magnitudes sampled once (256 KiB per tensor).
+
+    The kept fraction of a density d is off by about sqrt(d (1 - d) / SKETCH_SIZE) (0.2 % at 0.5):
+    a search needs thresholds that move with the density, not the exact k-th element.
+    """
+
+    def __init__(self, delta: torch.Tensor, seed: int):
+        flat = delta.reshape(-1)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        picks = torch.randint(0, flat.numel(), (SKETCH_SIZE,), generator=gen).to(flat.device)
+        self.sample = flat[picks].abs().float().sort().values
+        self.n = flat.numel()
+
+    def at(self, rank: int) -> tuple[float, int]:
+        if rank >= self.n:
+            return math.inf, 0
+        if rank <= 0:
+            return 0.0, 0
+        return float(self.sample[min(SKETCH_SIZE - 1, round(rank / self.n * SKETCH_SIZE))]), 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.sample.numel() * self.sample.element_size()
+
+
+def resolve_keep(keep: Keep, order: ExactOrder | SketchOrder | None) -> Keep:
+    """A rank range turned into bounds on (|delta|, index); other keeps pass through."""
+    if keep.kind != "ranks":
+        return keep
+    (lo, lo_index), (hi, hi_index) = order.at(int(keep.lo)), order.at(int(keep.hi))
+    return Keep("range", lo, hi, keep.scale, lo_index, hi_index)
+
+
+def keep_mask(key_kind: str, keep: Keep, delta: torch.Tensor, start: int = 0, words: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """The keep mask of one chunk of a delta whose first element has flat index `start`."""
+    index = element_index(start, delta) if key_kind == "field" or keep.needs_index else None
+    key = drop_field(index, words) if key_kind == "field" else delta.abs().float()
+    return keep.mask(key, index)
+
+
 class Sparsifier:
     """Turns a source's density into a Keep over one kind of per-element key."""
 
-    key: str  # "rank" (magnitude rank) or "field" (DARE's random field)
-
-    def full_range(self, n: int) -> tuple[int, int]:
-        raise NotImplementedError
+    key: str  # "magnitude" (ranked by |delta|) or "field" (DARE's hashed field)
 
     def keep(self, n: int, params: dict, shared: dict) -> Keep:
         raise NotImplementedError
@@ -116,10 +198,7 @@ class Sparsifier:
 class MagnitudeSparsifier(Sparsifier):
     """TIES: keep the k = max(1, floor(density * n)) largest magnitudes."""
 
-    key = "rank"
-
-    def full_range(self, n: int) -> tuple[int, int]:
-        return 0, n
+    key = "magnitude"
 
     def keep(self, n: int, params: dict, shared: dict) -> Keep:
         density = float(params["density"])
@@ -128,7 +207,7 @@ class MagnitudeSparsifier(Sparsifier):
         if density <= 0 or n == 0:
             return KEEP_NONE
         k = max(1, int(density * n))
-        return Keep("range", n - k, n)
+        return Keep("ranks", n - k, n)
 
 
 class OutlierSparsifier(MagnitudeSparsifier):
@@ -142,16 +221,13 @@ class OutlierSparsifier(MagnitudeSparsifier):
         if target <= 0:
             return KEEP_NONE
         n_bottom = max(0, n - target - int(gamma * n))
-        return Keep("range", n_bottom, n_bottom + target)
+        return Keep("ranks", n_bottom, n_bottom + target)
 
 
 class RandomSparsifier(Sparsifier):
     """DARE: keep each element with probability `density`; rescale survivors by 1/density."""
 
     key = "field"
-
-    def full_range(self, n: int) -> tuple[int, int]:
-        return FIELD_RANGE
 
     def keep(self, n: int, params: dict, shared: dict) -> Keep:
         density = float(params["density"])
@@ -161,7 +237,7 @@ class RandomSparsifier(Sparsifier):
         if level <= 0:
             return KEEP_NONE
         scale = FIELD_LEVELS / level if shared["rescale"] else 1.0
-        return Keep("range", FIELD_RANGE[0], level + FIELD_RANGE[0], scale)
+        return Keep("range", 0, level, scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,7 +249,7 @@ def combine(
     deltas: list[torch.Tensor | None],
     coefficients: list[float | torch.Tensor],
     keeps: list[Keep],
-    keys: list[torch.Tensor | None],
+    masks: list[torch.Tensor | None],
     *,
     ref_coefficient: float | torch.Tensor = 1.0,
     consensus: bool = False,
@@ -184,6 +260,7 @@ def combine(
 ) -> torch.Tensor:
     """a*reference + lam * sum_i c_i * keep_i(delta_i) [/ divisor], computed in float32 or float64.
 
+    `masks[i]` is source i's keep mask (see `keep_mask`) where its keep is a range.
     With `consensus` (TIES), each element keeps only the contributions whose sign agrees with the
     sign of their sum; `normalize` then divides by the sum of the agreeing sources' `weights`.
     Without consensus, `normalize` divides by the sum of all weights. A `None` delta (a source that
@@ -192,12 +269,12 @@ def combine(
     work = torch.float64 if reference.dtype == torch.float64 else torch.float32
     terms = []
     used_weights = []
-    for delta, coef, keep, key, w in zip(deltas, coefficients, keeps, keys, weights or coefficients):
+    for delta, coef, keep, mask, w in zip(deltas, coefficients, keeps, masks, weights or coefficients):
         if keep.kind == "none" or delta is None:
             continue
         term = delta.to(work) * coef if not isinstance(coef, float) or coef != 1.0 else delta.to(work)
         if keep.kind != "all":
-            term = term * keep.mask(key)
+            term = term * mask
         if keep.scale != 1.0:
             term = term * keep.scale
         terms.append(term)
@@ -332,7 +409,7 @@ class MergeMethod:
 
     @property
     def element_key(self) -> str | None:
-        """The per-element key this method's keep masks read ("rank", "field"), if any."""
+        """The per-element key this method's keep masks read ("magnitude", "field"), if any."""
         return self.sparsifier.key if self.sparsifier else None
 
     def tensor_stats(self, facts: TensorFacts, shared: dict, shape: torch.Size, n_sources: int) -> dict:
@@ -479,20 +556,23 @@ def tensor_plan(method: MergeMethod, n: int, shared: dict, per_source: list[dict
     return method.plan(n, shared, per_source, method.tensor_stats(facts, shared, shape, len(per_source)))
 
 
-def rescaled_keeps(plan: TensorPlan, deltas: list[torch.Tensor | None], keys: list[torch.Tensor | None]) -> list[Keep]:
-    """The plan's keeps, with the L1-restoring factor filled in where the method asks for it."""
+def resolved_keeps(plan: TensorPlan, deltas: list[torch.Tensor | None],
+                   orders: list["ExactOrder | SketchOrder | None"]) -> list[Keep]:
+    """The plan's keeps for one tensor: rank ranges resolved by each delta's order statistic, and
+    the L1-restoring factor filled in where the method asks for it."""
+    keeps = [resolve_keep(k, o) for k, o in zip(plan.keeps, orders)]
     if not plan.l1_rescale:
-        return plan.keeps
-    return [k.with_scale(l1_rescale_factor(d, k, key)) if d is not None else k
-            for k, d, key in zip(plan.keeps, deltas, keys)]
+        return keeps
+    return [k.with_scale(l1_rescale_factor(d, k)) if d is not None else k for k, d in zip(keeps, deltas)]
 
 
-def l1_rescale_factor(delta: torch.Tensor, keep: Keep, key: torch.Tensor | None) -> float:
+def l1_rescale_factor(delta: torch.Tensor, keep: Keep) -> float:
     """Factor that restores a sparsified delta's L1 norm (magnitude sparsifiers with rescale)."""
     if keep.kind in ("all", "none"):
         return 1.0
-    before = float(delta.abs().sum())
-    after = float((delta * keep.mask(key)).abs().sum())
+    magnitude = delta.abs().float()
+    before = float(magnitude.sum())
+    after = float((magnitude * keep_mask("magnitude", keep, delta)).sum())
     if before < 1e-7 or after < 1e-7:
         return 1.0
     return before / after
@@ -512,13 +592,6 @@ class _DirectFacts:
         return pairwise_cosines(self.deltas, rowwise)
 
 
-def element_key(kind: str, delta: torch.Tensor, seed: int, position: int, tensor_name: str) -> torch.Tensor:
-    """The per-element key a sparsifier reads: magnitude rank or DARE's drop field."""
-    if kind == "rank":
-        return magnitude_rank(delta)
-    return drop_field(delta.shape, tensor_seed(seed, position, tensor_name))
-
-
 def merge_tensor(
     method: MergeMethod | str,
     reference: torch.Tensor,
@@ -530,7 +603,7 @@ def merge_tensor(
     tensor_name: str = "",
     has_base: bool = True,
 ) -> torch.Tensor:
-    """Merge one tensor from scratch (reference implementation; the bank reuses its cached keys).
+    """Merge one tensor from scratch, exactly (the reference; the bank caches facts and may use sketches).
 
     `has_base`: False when `reference` is not a base model but the first source standing in for
     one (base-free recipes); direct methods then see no reference."""
@@ -542,11 +615,12 @@ def merge_tensor(
         return method.merge_direct(ref if has_base else None, [s.to(work) for s in sources], shared, per_source, seeds).to(reference.dtype)
     deltas = [s.to(work) - ref for s in sources]
     plan = tensor_plan(method, ref.numel(), shared, per_source, _DirectFacts(ref, sources, deltas), ref.shape)
-    keys: list[torch.Tensor | None] = [None] * len(deltas)
-    if method.element_key:
-        keys = [element_key(method.element_key, d, seed, pos, tensor_name) for pos, d in enumerate(deltas)]
+    keeps = resolved_keeps(plan, deltas, [ExactOrder(d) if k.kind == "ranks" else None for k, d in zip(plan.keeps, deltas)])
+    masks = [keep_mask(method.element_key, k, d, 0, field_words(tensor_seed(seed, pos, tensor_name)))
+             if k.kind == "range" else None for pos, (k, d) in enumerate(zip(keeps, deltas))]
     return combine(
-        ref, deltas, plan.coefficients, rescaled_keeps(plan, deltas, keys), keys,
+        ref, deltas, plan.coefficients, keeps, masks,
         ref_coefficient=plan.ref_coefficient, consensus=plan.consensus,
         normalize=plan.normalize, weights=plan.weights, lam=plan.lam,
     ).to(reference.dtype)
+from evomerge import methods_recent  # noqa: E402,F401  (registers the newer methods)

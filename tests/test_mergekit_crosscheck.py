@@ -82,6 +82,23 @@ CASES = {
                                                               {"weight": 0.5, "density": 1.0}]),
     "model_stock": lambda f: _cfg(f, "model_stock", [{}, {}, {}]),
     "model_stock_filter_wise": lambda f: _cfg(f, "model_stock", [{}, {}, {}], {"filter_wise": True}),
+    # The newer methods (evomerge/methods_recent.py); della's draws are random, so density 1 here.
+    "della_density1": lambda f: _cfg(f, "della", [{"weight": 0.7, "density": 1.0}, {"weight": 0.4, "density": 1.0},
+                                                  {"weight": 0.5, "density": 1.0}], {"lambda": 0.9}),
+    "della_linear_density1": lambda f: _cfg(f, "della_linear", [{"weight": 0.7, "density": 1.0},
+                                                                {"weight": [0.4, 0.9], "density": 1.0},
+                                                                {"weight": 0.5, "density": 1.0}]),
+    "sce": lambda f: _cfg(f, "sce", [{}, {}, {}], {"select_topk": 0.4}),
+    "sce_all": lambda f: _cfg(f, "sce", [{}, {}, {}]),
+    "nuslerp": lambda f: _cfg(f, "nuslerp", [{"weight": 0.3}, {"weight": 0.6}], base=False),
+    "nuslerp_base_rows": lambda f: _cfg(f, "nuslerp", [{"weight": 0.5}, {"weight": [0.2, 0.9]}],
+                                        {"nuslerp_flatten": False, "nuslerp_row_wise": True}),
+    "nuslerp_columns": lambda f: _cfg(f, "nuslerp", [{"weight": 0.8}, {"weight": 0.4}], {"nuslerp_flatten": False},
+                                      base=False),
+    "multislerp": lambda f: _cfg(f, "multislerp", [{"weight": 0.2}, {"weight": 0.5}, {"weight": 0.3}], base=False),
+    "multislerp_base": lambda f: _cfg(f, "multislerp", [{"weight": 1.0}, {"weight": 2.0}, {"weight": 0.5}]),
+    "karcher": lambda f: _cfg(f, "karcher", [{}, {}, {}], base=False),
+    "karcher_base": lambda f: _cfg(f, "karcher", [{}, {}, {}], {"max_iter": 20, "tol": 1e-6}),
 }
 
 
@@ -160,3 +177,26 @@ def test_dare_ties_keeps_density_fraction(llama_family):
         assert torch.equal(out[name][changed], (bt.reference + bt.deltas[0])[changed])
     # Pooled over the whole model (~30k moved elements): within 4 standard deviations of 0.3.
     assert abs(kept / total - 0.3) < 4 * (0.3 * 0.7 / total) ** 0.5
+
+
+def test_della_keeps_like_mergekit_by_magnitude(llama_family, tmp_path):
+    """DELLA's MagPrune keeps large deltas more often: the kept fraction per magnitude quartile of a
+    row matches mergekit's own draw (different random numbers, same probabilities)."""
+    cfg = _cfg(llama_family, "della_linear", [{"weight": 1.0, "density": 0.5, "epsilon": 0.3}], {"rescale": False})
+    ours, theirs = run_evomerge(cfg, tmp_path), run_mergekit(cfg, tmp_path / "mk")
+    base = Checkpoint(llama_family["base"])
+    expert = Checkpoint(llama_family["expert0"])
+    name = "model.layers.1.mlp.down_proj.weight"
+    delta = expert.get(name) - base.get(name)
+    # Keep probability per element: density - epsilon at the smallest |delta| of its row, rising linearly
+    # with the rank to density + epsilon (the tiny experts leave half their entries unmoved: rank 0 up).
+    p = 0.2 + 0.6 * delta.abs().argsort(dim=1).argsort(dim=1).float() / (delta.shape[1] - 1)
+    moved = delta != 0
+    edges = p[moved].quantile(torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0]))
+    bins = [moved & (p >= edges[q]) & ((p < edges[q + 1]) | (q == 3)) for q in range(4)]
+    expected = [p[b].mean().item() for b in bins]
+    for merged in (ours, theirs):
+        kept = merged.get(name) != base.get(name)
+        fractions = [kept[b].float().mean().item() for b in bins]
+        assert all(abs(f - e) < 0.06 for f, e in zip(fractions, expected)), (fractions, expected)
+        assert torch.equal(merged.get(name)[kept], expert.get(name)[kept])  # no rescale: survivors unchanged
