@@ -34,7 +34,7 @@ from evomerge.recipe import DTYPES
 
 DIRECTIONS = ("maximize", "minimize")
 TOP_LEVEL = ("name", "seed", "base", "sources", "search_space", "optimizer", "budget", "objectives", "fitness",
-             "holdout", "holdout_max", "executor", "dtype", "racing", "barrier")
+             "holdout", "holdout_max", "executor", "dtype", "racing", "barrier", "bank")
 OBJECTIVE_KEYS = ("name", "metrics", "direction", "reference")
 MAX_SEED = 2**31 - 2  # pycma seeds with seed + 1 and needs it below 2^32; one bound everywhere
 MAX_BUDGET = 10_000_000
@@ -72,6 +72,7 @@ class Campaign:
     racing: dict | None = None  # {stages: [fractions], z: float}; see evomerge.racing
     holdout_max: int = 8
     barrier: bool = True  # False: ask and tell one candidate at a time, keeping every worker busy
+    bank: dict = field(default_factory=lambda: {"storage": "auto", "quantize": "none"})  # evomerge.memory_plan
     raw: dict = field(default_factory=dict)  # the config as given: what the journal stores and compares
 
     @property
@@ -291,6 +292,9 @@ def parse_campaign(data: Any, origin: str = "config") -> Campaign:
         raise _fail("barrier", barrier, "true (generations, the same front on any executor) or false (no "
                     "generation barrier: every worker kept busy)")
 
+    from evomerge.memory_plan import parse_bank
+
+    bank = parse_bank(data.get("bank"))
     return Campaign(
         name=name,
         base=base,
@@ -307,6 +311,7 @@ def parse_campaign(data: Any, origin: str = "config") -> Campaign:
         racing=parse_racing(data.get("racing"), objectives),
         holdout_max=holdout_max,
         barrier=barrier,
+        bank=bank,
         raw=raw,
     )
 
@@ -332,10 +337,17 @@ def load_campaign(path: str | Path) -> Campaign:
 
 def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     """Human-readable differences between two raw configs: 'budget: 40 -> 80'. The `executor` block
-    says where candidates run, not what the campaign is, so a campaign may move between executors."""
+    says where candidates run, not what the campaign is, so a campaign may move between executors; so
+    does the placement in `bank` (storage, memory sizes), but not `bank.quantize`, which changes scores."""
     out = []
     for key in sorted(set(old) | set(new), key=str):
         if key == "executor":
+            continue
+        if key == "bank" and not prefix:
+            a, b = (d.get("bank") if isinstance(d.get("bank"), dict) else {} for d in (old, new))
+            if (a.get("quantize") or "none") != (b.get("quantize") or "none"):
+                out.append(f"bank.quantize: {json.dumps(a.get('quantize') or 'none')} -> "
+                           f"{json.dumps(b.get('quantize') or 'none')}")
             continue
         a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
         if isinstance(a, dict) and isinstance(b, dict):

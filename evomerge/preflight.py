@@ -130,15 +130,16 @@ def preflight(campaign: Campaign, build: bool = True, root: Path | None = None) 
                             "optimizer.population")
 
     # In the space's order: a path space puts its lead first (its model is the shell paths run in).
+    memory = memory_estimate(campaign, models, space, reference)
+    bank = memory["plan"].bank_options() if "plan" in memory else {}
     worker = WorkerSpec(list(space.sources.values()), base, campaign.fitness, campaign.holdout, campaign.dtype,
                         device or "cpu", campaign.racing, dict(campaign.objectives[0].metrics),
-                        space_block.get("component"), space.materializer)
+                        space_block.get("component"), space.materializer, **bank)
     tokenizer, evaluators = _evaluators(campaign, worker, reference)
     return Plan(
         campaign=campaign, base=base, sources=sources, models=models, space=space, optimizer=optimizer,
         generation_sizes=generation_sizes(campaign.budget, optimizer.population), worker=worker,
-        evaluators=evaluators, tokenizer=tokenizer, memory=memory_estimate(campaign, models, space),
-        provenance=provenance(models),
+        evaluators=evaluators, tokenizer=tokenizer, memory=memory, provenance=provenance(models),
     )
 
 
@@ -206,13 +207,25 @@ def _check_metrics(campaign: Campaign, evaluators: dict[str, list]) -> None:
                                 "objective or turn racing off")
 
 
-def memory_estimate(campaign: Campaign, models: dict[str, ModelInfo], space) -> dict:
-    """Bytes the worker will hold, as the search space lays them out, in the campaign's dtype."""
+def memory_estimate(campaign: Campaign, models: dict[str, ModelInfo], space, reference: ModelInfo) -> dict:
+    """Bytes the worker will hold, as the search space lays them out, in the campaign's dtype; for a
+    bank (`layout`), the memory plan too: where the deltas live, or one line saying what does not fit."""
     import torch
 
+    from evomerge.memory_plan import generation_tokens, kv_cache_bytes, plan_memory
     from evomerge.recipe import DTYPES
 
-    return space.memory(models, torch.empty(0, dtype=DTYPES[campaign.dtype]).element_size())
+    element = torch.empty(0, dtype=DTYPES[campaign.dtype]).element_size()
+    memory = space.memory(models, element)
+    if "layout" not in memory:
+        return memory
+    device = campaign.executor.get("device") or "cpu"
+    local = campaign.executor["kind"] == "local"
+    kv = kv_cache_bytes(reference.config, generation_tokens(campaign.fitness + campaign.holdout), element)
+    memory["plan"] = plan_memory(memory["layout"], element, kv, device, campaign.bank,
+                                 device_capacity=available_memory(device) if local else None,
+                                 host_capacity=available_memory("cpu") if local else None, per_worker=not local)
+    return memory
 
 
 def provenance(models: dict[str, ModelInfo]) -> dict:
@@ -301,6 +314,8 @@ def describe(plan: Plan) -> list[str]:
                  + ("generations with a barrier" if c.barrier else "no generation barrier (asked and told one by one)"))
     m = plan.memory
     device = plan.worker.device
+    if "plan" in m:
+        return lines + m["plan"].lines(c.dtype)
     if ex["kind"] != "local":  # each worker holds its own bank on its own device, wherever Ray places it
         lines.append(f"memory per worker ({c.dtype}): {m['detail']}; total ~{_size(m['total'])}")
         return lines

@@ -65,6 +65,8 @@ class WorkerSpec:
     race_weights: dict[str, float] = field(default_factory=dict)
     component: dict | None = None
     materializer: str = "merge"  # how recipes become models: "merge" (a SourceBank) or "path" (layer paths)
+    storage: str = "device"  # where the bank's deltas live (evomerge.memory_plan chooses)
+    quantize: int | None = None  # 8: int8 deltas
 
 
 class MergeMaterializer:
@@ -74,7 +76,8 @@ class MergeMaterializer:
         from evomerge.bank import SourceBank
         from evomerge.evaluate import new_model_and_processor
 
-        self.bank = SourceBank(spec.sources, spec.base, dtype=spec.dtype, device=spec.device, component=spec.component)
+        self.bank = SourceBank(spec.sources, spec.base, dtype=spec.dtype, device=spec.device, component=spec.component,
+                               storage=spec.storage, quantize=spec.quantize)
         self.model, self.tokenizer = new_model_and_processor(self.bank.reference_path, self.bank.dtype, tokenizer)
         self.model = self.model.to(spec.device).eval()
 

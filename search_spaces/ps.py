@@ -28,7 +28,6 @@ genome (no `method` coordinate) and the same recipes.
 from __future__ import annotations
 
 import bisect
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -295,20 +294,22 @@ class ParameterSpace:
         return space
 
     def memory(self, models: dict, element: int) -> dict:
-        """The bank (reference + one task vector per other source + per-element keys for sparsifying
-        methods) and the model being evaluated, in the campaign's dtype."""
+        """The bank (reference + one task vector per other source + magnitude sketches for methods that
+        sparsify by magnitude) and the model being evaluated, in the campaign's dtype; `layout` feeds the
+        memory plan (evomerge.memory_plan), which adds the KV cache and chooses where the deltas live."""
+        from evomerge.memory_plan import layout_of
+
         reference = models[self.reference_name]
-        merged = sum(math.prod(s) for n, s in reference.shapes.items()
-                     if component_source_name(n, self.component) is not None)
+        merged = {n for n in reference.shapes if component_source_name(n, self.component) is not None}
         ref_path = reference.path.resolve()
         deltas = sum(1 for name, info in models.items() if name != "base" and info.path.resolve() != ref_path)
-        keys = deltas * merged * 4 if self.method.element_key else 0  # int32 ranks / drop fields
-        bank = reference.numel * element + deltas * merged * element
-        model = reference.numel * element
-        return {"total": bank + keys + model,
-                "detail": f"bank {_size(bank + keys)} (reference {_size(reference.numel * element)} + task vectors "
-                          f"{_size(deltas * merged * element)} + per-element keys {_size(keys)}), evaluation model "
-                          f"{_size(model)}"}
+        sketched = any(m.element_key == "magnitude" for m in self.methods)
+        layout = layout_of(reference.shapes, merged, deltas, sketched, reference.numel)
+        bank = (layout.reference + deltas * layout.merged) * element
+        model = layout.model * element
+        return {"total": bank + model, "layout": layout,
+                "detail": f"bank {_size(bank)} (reference {_size(layout.reference * element)} + task vectors "
+                          f"{_size(deltas * layout.merged * element)}), evaluation model {_size(model)}"}
 
     # -- the SearchSpace interface ------------------------------------------------------------
 

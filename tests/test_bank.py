@@ -107,3 +107,104 @@ def test_compiled_kernel_matches_eager(llama_family):
     import evomerge.kernels as k
 
     assert k._compiled is not None and not k._broken  # really ran compiled
+
+
+# -- the lean bank: what it stores, where, and how exactly ------------------------------------------
+
+SOURCES3 = [f"expert{i}" for i in range(3)]
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs", "della", "slerp"])
+def test_host_storage_streams_to_the_same_bits(method, llama_family):
+    """Deltas kept in host RAM and staged per tensor (the path for banks larger than the device)
+    build exactly the candidate the resident bank builds."""
+    params = PARAMS if method != "slerp" else [{}]
+    shared = {"t": 0.3} if method == "slerp" else None
+    r = recipe(llama_family, method, params[:1] if method == "slerp" else params, shared, seed=5)
+    models = [s.model for s in r.sources]
+    resident = SourceBank(models, r.base, compile=False).materialize(r)
+    host = SourceBank(models, r.base, compile=False, storage="host")
+    streamed = host.materialize(r)
+    assert all(torch.equal(resident[n], streamed[n]) for n in resident)
+    # On the device: the reference and two staging sets of the largest tensor, no delta.
+    biggest = max(bt.reference.numel() for bt in host.tensors.values()) * 4
+    refs = sum(bt.reference.numel() for bt in host.tensors.values()) * 4
+    assert host.device_bytes() == refs + 2 * len(models) * biggest
+
+
+def test_int8_deltas_err_by_at_most_half_a_step(llama_family):
+    """quantize=8 stores each delta row as int8 times absmax/127: a task-arithmetic merge then errs by
+    at most sum_i |w_i| * scale_i / 2 per element, at about a quarter of the float32 delta bytes."""
+    params = [{"weight": 0.6}, {"weight": -0.3}, {"weight": 0.9}]
+    r = recipe(llama_family, "task_arithmetic", params)
+    models = [s.model for s in r.sources]
+    exact_bank = SourceBank(models, r.base, compile=False)
+    q = SourceBank(models, r.base, compile=False, quantize=8)
+    exact, approx = exact_bank.materialize(r), q.materialize(r)
+    worst = 0.0
+    for name, bt in q.tensors.items():
+        err = (exact[name] - approx[name]).abs()
+        if bt.reference.dim() < 2:
+            assert torch.equal(exact[name], approx[name]), name  # vectors stay in full precision
+            continue
+        bound = sum(abs(p["weight"]) * d.scales / 2 for p, d in zip(params, bt.deltas))
+        assert bool((err <= bound * 1.001 + 1e-7).all()), name
+        scale = sum(abs(p["weight"]) * e.abs() for p, e in zip(params, exact_bank.tensors[name].deltas)).mean()
+        worst = max(worst, (err.mean() / scale).item())
+    assert 0 < worst < 0.02  # lossy, but by about a percent of the merged task vectors
+    delta_bytes = lambda b: b.memory_bytes() - sum(bt.reference.numel() * 4 for bt in b.tensors.values())  # noqa: E731
+    staging = q._stager.nbytes
+    assert delta_bytes(q) - staging < 0.3 * delta_bytes(exact_bank)
+
+
+def _large_bank(density_method: str, numel: int = 1 << 20, storage: str = "device"):
+    gen = torch.Generator().manual_seed(0)
+    ref = {"model.layers.0.mlp.up_proj.weight": torch.randn(numel // 512, 512, generator=gen)}
+    srcs = [{k: v + torch.randn(v.shape, generator=gen) * 0.02 for k, v in ref.items()} for _ in range(3)]
+    bank = SourceBank.from_tensors(ref, srcs, compile=False, storage=storage)
+    return bank, ref, srcs
+
+
+def test_sketch_thresholds_keep_the_density_within_its_stated_error():
+    """Tensors above SKETCH_SIZE elements take TIES thresholds from a 65536-sample sketch: the kept
+    fraction is off by about sqrt(d (1 - d) / 65536); a one-shot merge (merge_tensor) is exact."""
+    from evomerge.methods import SKETCH_SIZE
+
+    bank, ref, srcs = _large_bank("ties")
+    name = next(iter(ref))
+    for d in (0.1, 0.3, 0.7):
+        r = Recipe.from_dict({"method": "ties", "base": "base", "parameters": {"normalize": False},
+                              "sources": [{"model": "source0", "parameters": {"weight": 1.0, "density": d}}]})
+        kept = (bank.materialize(r)[name] != ref[name]).float().mean().item()
+        assert abs(kept - d) < 4 * (d * (1 - d) / SKETCH_SIZE) ** 0.5, (d, kept)
+        shared, _ = r.resolve(bank.tensors[name].role, name, bank.num_blocks)
+        exact = merge_tensor("ties", ref[name], [srcs[0][name]], shared,
+                             [{"weight": 1.0, "density": d}], tensor_name=name)
+        assert (exact != ref[name]).sum().item() == int(d * ref[name].numel())  # k = int(d n), as mergekit
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs_ties", "della"])
+def test_resident_memory_is_the_sources_and_little_more(method):
+    """The bank holds the reference and one delta per source; cached sketches add ~256 KiB per tensor
+    and source, staging nothing (resident storage). Goal: <= 1.1 x (sources + 1) x model bytes."""
+    bank, ref, _ = _large_bank(method)
+    params = [{"weight": 0.5, "density": 0.4}] * 3
+    r = Recipe.from_dict({"method": method, "base": "base",
+                          "sources": [{"model": f"source{i}", "parameters": p} for i, p in enumerate(params)]})
+    bank.materialize(r)
+    model_bytes = sum(t.numel() * 4 for t in ref.values())
+    assert bank.memory_bytes() <= 1.1 * 4 * model_bytes, bank.memory_bytes() / model_bytes
+
+
+def test_dare_drop_is_the_same_hash_in_the_compiled_kernel(llama_family):
+    """DARE's drop comes from a counter-based hash of (seed, source, tensor, element): the fused
+    kernel and the eager pass keep exactly the same elements."""
+    sources = [str(llama_family[f"expert{i}"]) for i in range(3)]
+    eager = SourceBank(sources, str(llama_family["base"]), compile=False)
+    fused = SourceBank(sources, str(llama_family["base"]), compile=True)
+    r = recipe(llama_family, "dare_linear", [{"weight": 1.0, "density": 0.35}, {"weight": 0.0}, {"weight": 0.0}],
+               {"rescale": False}, seed=11)
+    a, b = eager.materialize(r), fused.materialize(r)
+    for n in a:
+        assert torch.equal(a[n] != eager.tensors[n].reference, b[n] != fused.tensors[n].reference), n
+        assert torch.allclose(a[n], b[n], atol=1e-6), n

@@ -262,3 +262,27 @@ def test_repeated_infrastructure_failure_stops_the_campaign_then_resume_finishes
     assert res.returncode == 0, res.stderr
     st = campaign_status(tmp_path / "s")
     assert st["evaluated"] == 8 and st["failed"] == 0 and st["done"]
+
+
+def test_a_bank_larger_than_the_device_streams_with_the_same_results(llama_family, tmp_path):
+    """`bank.device_memory` below the resident bank: the memory plan keeps the deltas in host RAM and
+    streams them per tensor; the campaign's scores are exactly those of the resident bank."""
+    from evomerge.preflight import describe, preflight
+
+    small = tiny_config(llama_family, budget=8, bank={"device_memory": "600KB"})
+    plan = preflight(parse_campaign(small))
+    assert plan.worker.storage == "host"
+    text = "\n".join(describe(plan))
+    assert "storage host" in text and "in host RAM: deltas" in text
+    assert preflight(parse_campaign(tiny_config(llama_family, budget=8))).worker.storage == "device"
+    tight = tiny_config(llama_family, budget=8, bank={"device_memory": "100KB"})
+    with pytest.raises(EvomergeError, match=r"memory plan: .* can be used; set bank: \{storage: host, quantize: int8\}"
+                                            r"|memory plan: .* can be used; use a larger device"):
+        preflight(parse_campaign(tight))
+    scores = []
+    for name, cfg in (("resident", tiny_config(llama_family, budget=8)), ("streamed", small)):
+        CampaignRunner(parse_campaign(cfg), tmp_path / name, progress=False).run()
+        j = Journal(tmp_path / name)
+        scores.append(sorted(round(m.objectives["lp"], 12) for m in front_members(j, parse_campaign(j.get("config")))))
+        j.close()
+    assert scores[0] == scores[1] and scores[0]
