@@ -434,34 +434,47 @@ def atomic_folder(out_dir: str | os.PathLike, overwrite: bool = False,
 
 
 def write_safetensors(folder: Path, tensors: Mapping[str, torch.Tensor], shard_size: int | str = "5GB") -> list[str]:
-    """Write tensors as shards of at most `shard_size` bytes (plus an index when more than one)."""
-    limit = parse_size(shard_size)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    used = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and used + nbytes > limit:
-            shards.append({})
-            used = 0
-        shards[-1][name] = t.detach().to("cpu").contiguous()
-        used += nbytes
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], str(folder / "model.safetensors"), metadata=meta)
-        return ["model.safetensors"]
-    files = []
-    weight_map = {}
-    total = 0
-    for i, shard in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / fname), metadata=meta)
-        files.append(fname)
-        for name, t in shard.items():
-            weight_map[name] = fname
-            total += t.numel() * t.element_size()
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
-    return files
+    """Write tensors as shards of at most `shard_size` bytes (plus an index when more than one).
+
+    Shards are planned by huggingface_hub from shapes alone (meta tensors), then written one at a
+    time, each tensor read from `tensors` only when its shard is written: a lazy mapping (see
+    `StreamedTensors`) thus holds at most one shard in memory."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    layout = tensors.layout() if isinstance(tensors, StreamedTensors) else \
+        {n: (tuple(t.shape), t.dtype) for n, t in tensors.items()}
+    meta = {n: torch.empty(shape, dtype=dtype, device="meta") for n, (shape, dtype) in layout.items()}
+    plan = split_torch_state_dict_into_shards(meta, max_shard_size=parse_size(shard_size),
+                                              filename_pattern="model{suffix}.safetensors")
+    for fname, names in plan.filename_to_tensors.items():
+        shard = {n: tensors[n].detach().to("cpu").contiguous() for n in names}
+        save_file(shard, str(folder / fname), metadata={"format": "pt"})
+        del shard
+    if plan.is_sharded:
+        index = {"metadata": {"total_size": plan.metadata["total_size"]}, "weight_map": plan.tensor_to_filename}
+        (folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2))
+    return list(plan.filename_to_tensors)
+
+
+class StreamedTensors(Mapping):
+    """A name -> tensor mapping whose tensors are made when asked (by `produce`), in `layout` order."""
+
+    def __init__(self, layout: dict[str, tuple[tuple[int, ...], torch.dtype]], produce):
+        self._layout, self._produce = layout, produce
+
+    def layout(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return self._layout
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._layout:
+            raise KeyError(name)
+        return self._produce(name)
+
+    def __iter__(self):
+        return iter(self._layout)
+
+    def __len__(self) -> int:
+        return len(self._layout)
 
 
 def write_model(

@@ -29,7 +29,8 @@ def recipe_from_dict(data: Any, origin: str = "recipe"):
 
 def write_recipe(recipe, out_dir: str | Path, *, device: str = "cpu", shard_size: str | int = "5GB",
                  allow_pickle: bool = False, overwrite: bool = False, progress: bool = False,
-                 protect: Iterable = (), extra_files: dict[str, str] | None = None) -> Path:
+                 protect: Iterable = (), extra_files: dict[str, str] | None = None, exact: bool = True) -> Path:
+    """`exact=False`: merge through a SourceBank, as a campaign scored the candidate (export)."""
     from evomerge.dataflow import PathRecipe, export_path
     from evomerge.merge import merge_to_disk
 
@@ -37,7 +38,8 @@ def write_recipe(recipe, out_dir: str | Path, *, device: str = "cpu", shard_size
         return export_path(recipe, out_dir, shard_size=shard_size, overwrite=overwrite, protect=protect,
                            allow_pickle=allow_pickle, extra_files=extra_files)
     return merge_to_disk(recipe, out_dir, device=device, shard_size=shard_size, allow_pickle=allow_pickle,
-                         overwrite=overwrite, progress=progress, protect=protect, extra_files=extra_files)
+                         overwrite=overwrite, progress=progress, protect=protect, extra_files=extra_files,
+                         exact=exact)
 
 
 def choose_candidates(folder: str | Path, candidate: int | None = None, best: str | None = None,
@@ -138,6 +140,7 @@ def export_candidates(folder: str | Path, out_dir: str | Path, candidate: int | 
         extra["README.md"] = model_card(row, campaign, meta, target.name, note)
         if progress and len(rows) > 1:
             print(f"candidate #{row['id']} -> {target}", flush=True)
+        # exact=False: the weights the campaign scored, thresholds and all (see evomerge.merge)
         written.append((write_recipe(recipe, target, overwrite=overwrite, shard_size=shard_size, protect=[folder],
-                                     extra_files=extra), row))
+                                     extra_files=extra, exact=False), row))
     return written

@@ -186,7 +186,8 @@ class StagedRunner:
             except ValueError:
                 pass
         note = json.dumps({"candidate": row["id"], "objectives": row["objectives"], "recipe": row["recipe"]}, indent=2)
-        return write_recipe(recipe, out, overwrite=out.exists(), extra_files={"evomerge_winner.json": note})
+        return write_recipe(recipe, out, overwrite=out.exists(), extra_files={"evomerge_winner.json": note},
+                            exact=False)  # the weights the first stage scored
 
 
 def runner_for(data: dict, folder: str | Path, progress: bool = True, origin: str = "config"):

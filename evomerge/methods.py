@@ -602,17 +602,21 @@ def merge_tensor(
     seed: int = 0,
     tensor_name: str = "",
     has_base: bool = True,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Merge one tensor from scratch, exactly (the reference; the bank caches facts and may use sketches).
 
     `has_base`: False when `reference` is not a base model but the first source standing in for
-    one (base-free recipes); direct methods then see no reference."""
+    one (base-free recipes); direct methods then see no reference. The arithmetic runs in float32
+    (float64 for float64 inputs) and rounds once, to `out_dtype` (default: the reference's)."""
+    out_dtype = out_dtype or reference.dtype
     method = get_method(method) if isinstance(method, str) else method
     work = torch.float64 if reference.dtype == torch.float64 else torch.float32
     ref = reference.to(work)
     if method.direct:
         seeds = [tensor_seed(seed, pos, tensor_name) for pos in range(len(sources))]
-        return method.merge_direct(ref if has_base else None, [s.to(work) for s in sources], shared, per_source, seeds).to(reference.dtype)
+        return method.merge_direct(ref if has_base else None, [s.to(work) for s in sources], shared, per_source,
+                                   seeds).to(out_dtype)
     deltas = [s.to(work) - ref for s in sources]
     plan = tensor_plan(method, ref.numel(), shared, per_source, _DirectFacts(ref, sources, deltas), ref.shape)
     keeps = resolved_keeps(plan, deltas, [ExactOrder(d) if k.kind == "ranks" else None for k, d in zip(plan.keeps, deltas)])
@@ -622,5 +626,5 @@ def merge_tensor(
         ref, deltas, plan.coefficients, keeps, masks,
         ref_coefficient=plan.ref_coefficient, consensus=plan.consensus,
         normalize=plan.normalize, weights=plan.weights, lam=plan.lam,
-    ).to(reference.dtype)
+    ).to(out_dtype)
 from evomerge import methods_recent  # noqa: E402,F401  (registers the newer methods)
