@@ -410,8 +410,8 @@ class SourceBank:
 
     def _fused(self, method, bt, plan, keeps, deltas, words, dest) -> bool:
         """Run a sparsified merge through the compiled kernel; False when it does not apply."""
-        kind = method.element_key
-        if not self.compile or kind is None or plan.ref_coefficient != 1.0:
+        kind = method.element_key or "none"
+        if not self.compile or not isinstance(plan.ref_coefficient, float):
             return False
         if any(d is None for d in deltas) or any(isinstance(c, torch.Tensor) for c in plan.coefficients):
             return False
@@ -426,6 +426,7 @@ class SourceBank:
         weights = plan.weights or [float(c) for c in plan.coefficients]
         total = float(sum(weights))
         args = dict(
+            ref_coef=torch.tensor(float(plan.ref_coefficient), device=dev),
             lo=torch.tensor([b[0] for b in bounds], dtype=torch.float32, device=dev),
             hi=torch.tensor([b[1] for b in bounds], dtype=torch.float32, device=dev),
             level=torch.tensor([b[2] for b in bounds], dtype=torch.int64, device=dev),

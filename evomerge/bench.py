@@ -1,20 +1,26 @@
 """Benchmarks. `python -m evomerge.bench materialize --json`, `python -m evomerge.bench generate --json`,
 `racing`, `path`, `executor` (engine overhead, busy fraction with and without the barrier, Ray throughput).
 
-materialize: for one family of local models (built once and cached), measures
-  (a) the bound: torch clone of (sources + 1) x model bytes, what any merge must at least read;
-  (b) evomerge's in-memory materialization per candidate for linear, ties and dare_ties;
-  (c) mergekit's run_merge of the same recipe on the same folders (when mergekit is installed);
-and prints them, then one JSON line with ratio_to_bound (worst b/a) and speedup_vs_mergekit (c/b).
+materialize: for one family of local models (built once and cached), measures per method the
+  in-memory materialization of a candidate against its bound (the bytes it must move: read the
+  reference and the deltas it uses, write the output once, at the copy bandwidth measured in the same
+  run), the bank's resident memory, the kept-fraction error of the TIES sketch, and mergekit like for
+  like: `evomerge merge` vs `mergekit-yaml` disk to disk, and one search candidate in memory vs
+  mergekit-evolve's merge written to disk and loaded. JSON keys: ratio_to_bound (worst method),
+  resident_ratio, oneshot_vs_mergekit (worst method), candidate_speedup_vs_mergekit.
+gpu: random Llama-shaped sources built in memory (no download): bank size, materialization per
+  method against the device copy bound, first-candidate time, and the memory plan of 7B x 3 sources.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,18 +44,23 @@ def _family(cache: Path, hidden: int, layers: int, intermediate: int, vocab: int
     return {p.name: p for p in key.iterdir() if p.is_dir()}
 
 
-def _recipe(method: str, fam: dict[str, Path], n: int):
+METHOD_PARAMS = {"linear": {}, "task_arithmetic": {}, "ties": {"density": 0.5}, "dare_ties": {"density": 0.5},
+                 "breadcrumbs_ties": {"density": 0.8, "gamma": 0.05}, "della": {"density": 0.5, "epsilon": 0.1}}
+
+
+def _recipe(method: str, fam: dict[str, Path], n: int, dtype: str = "float32"):
     from evomerge.recipe import Recipe
 
-    params = {"linear": {}, "ties": {"density": 0.5}, "dare_ties": {"density": 0.5}}[method]
+    params = METHOD_PARAMS[method]
     sources = [{"model": str(fam[f"expert{i}"]), "parameters": {"weight": 0.3 + 0.1 * i, **params}} for i in range(n)]
-    data = {"method": method, "sources": sources, "base": str(fam["base"]) if method != "linear" else None}
+    data = {"method": method, "sources": sources, "dtype": dtype,
+            "base": str(fam["base"]) if method != "linear" else None}
     return Recipe.from_dict({k: v for k, v in data.items() if v is not None})
 
 
-def _mergekit_config(method: str, fam: dict[str, Path], n: int) -> dict:
-    recipe = _recipe(method, fam, n)
-    cfg = {"merge_method": method, "dtype": "float32",
+def _mergekit_config(method: str, fam: dict[str, Path], n: int, dtype: str = "float32") -> dict:
+    recipe = _recipe(method, fam, n, dtype)
+    cfg = {"merge_method": method, "dtype": dtype,
            "models": [{"model": s.model, "parameters": s.parameters} for s in recipe.sources]}
     if recipe.base:
         cfg["base_model"] = recipe.base
@@ -69,7 +80,29 @@ def _time(fn, repeats: int, best: bool = False) -> float:
     return min(times) if best else statistics.median(times)
 
 
+def copy_bandwidth(device: str, nbytes: int = 1 << 28, repeats: int = 5) -> float:
+    """Bytes moved per second (read + write) by a plain device copy between two large buffers."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # first touch: page faults are not bandwidth
+    secs = _time(lambda: dst.copy_(src), repeats, best=True)
+    return 2 * nbytes / secs
+
+
+def must_move(method: str, bank, n: int) -> int:
+    """Bytes a candidate must move at least: read the reference and the deltas the method uses, write
+    the output (the preallocated target) once."""
+    from evomerge.bank import _nbytes
+
+    used = n if method != "linear" else n - 1  # a base-free merge's first source is its reference
+    reference = sum(_nbytes(bt.reference) for bt in bank.tensors.values())
+    deltas = sum(_nbytes(d) for bt in bank.tensors.values() for d in bt.deltas[:used] if d is not None)
+    return 2 * reference + deltas
+
+
 def bench_materialize(args: argparse.Namespace) -> dict:
+    """Per-candidate materialization against the bytes it must move, resident memory, the sketch's
+    error, and mergekit like for like: disk to disk (CLI vs CLI) and per search candidate."""
     from evomerge.bank import SourceBank
 
     torch.set_num_threads(args.threads)
@@ -82,61 +115,258 @@ def bench_materialize(args: argparse.Namespace) -> dict:
     load_s = time.perf_counter() - t0
     params = sum(bt.reference.numel() for bt in bank.tensors.values())
     model_bytes = params * 4
+    bandwidth = copy_bandwidth(args.device)
+    print(f"model: {params / 1e6:.1f}M params/float32 ({model_bytes / 2**20:.0f} MiB), {args.sources} sources + base, "
+          f"device {args.device}, {args.threads} threads; bank load {load_s:.1f} s; copy bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s (read + write)", flush=True)
 
-    # (a) the bound: a clone of every byte a candidate must read (base + each source).
-    tensors = [bt.reference for bt in bank.tensors.values()] + [
-        d for bt in bank.tensors.values() for d in bt.deltas if d is not None
-    ]
-    # The bound's best run (allocator warm) against our median: the comparison favours the bound.
-    bound = _time(lambda: [t.clone() for t in tensors], args.repeats, best=True)
-
-    results, first = {}, {}
+    results, first, bounds = {}, {}, {}
     target = bank.new_target()
     for method in methods:
         recipe = _recipe(method, fam, args.sources)
         start = time.perf_counter()
-        bank.materialize(recipe, target)  # first use builds the cached ranks / drop fields, compiles
+        bank.materialize(recipe, target)  # the first candidate builds the cached sketches (and compiles)
         first[method] = time.perf_counter() - start
         results[method] = _time(lambda: bank.materialize(recipe, target), args.repeats)
-
-    mergekit_s = {}
-    if not args.no_mergekit:
-        try:
-            from mergekit.config import MergeConfiguration
-            from mergekit.merge import MergeOptions, run_merge
-        except ImportError:
-            print("mergekit not installed: skipping (c); pip install mergekit==0.1.5", file=sys.stderr)
-        else:
-            for method in methods:
-                cfg = MergeConfiguration.model_validate(_mergekit_config(method, fam, args.sources))
-                out = Path(tempfile.mkdtemp(prefix="mk-bench-"))
-                opts = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, random_seed=0,
-                                    device=args.device, num_threads=args.threads)
-                mergekit_s[method] = _time(lambda: run_merge(cfg, str(out), opts), args.mergekit_repeats)
-                shutil.rmtree(out, ignore_errors=True)
-
-    print(f"model: {params / 1e6:.1f}M params/float32 ({model_bytes / 2**20:.0f} MiB), {args.sources} sources + base, "
-          f"device {args.device}, {args.threads} threads; bank load {load_s:.1f}s, resident {bank.memory_bytes() / 2**30:.2f} GiB")
-    print(f"(a) bound: clone of {args.sources + 1} x model bytes: {bound * 1e3:.0f} ms")
-    for method in methods:
-        line = (f"(b) evomerge {method:10s}: {results[method] * 1e3:7.0f} ms/candidate  ({results[method] / bound:.2f}x bound; "
-                f"first candidate {first[method]:.1f} s)")
-        if method in mergekit_s:
-            line += f"   (c) mergekit run_merge: {mergekit_s[method]:.1f} s  ({mergekit_s[method] / results[method]:.0f}x slower)"
-        print(line)
+        bounds[method] = must_move(method, bank, args.sources) / bandwidth
+        print(f"evomerge {method:16s}: {results[method] * 1e3:7.0f} ms/candidate, bound {bounds[method] * 1e3:5.0f} ms "
+              f"({results[method] / bounds[method]:.2f}x; first candidate {first[method]:.1f} s)", flush=True)
+    resident = bank.memory_bytes()
+    resident_ratio = resident / ((args.sources + 1) * model_bytes)
+    print(f"resident: {resident / 2**30:.2f} GiB = {resident_ratio:.3f} x (sources + 1) x model bytes")
+    sketch = sketch_error()
+    print(f"TIES thresholds from a {sketch['sketch_size']}-sample sketch: kept-fraction error {sketch['max_error']:.4f} "
+          f"(stated {sketch['stated']:.4f}) on a {sketch['numel'] / 1e6:.0f}M-element tensor")
     summary = {
-        "params": params,
-        "sources": args.sources,
-        "device": args.device,
-        "bound_s": round(bound, 4),
+        "params": params, "sources": args.sources, "device": args.device, "threads": args.threads,
+        "copy_GBps": round(bandwidth / 1e9, 2),
+        "bound_s": {m: round(v, 4) for m, v in bounds.items()},
         "materialize_s": {m: round(v, 4) for m, v in results.items()},
         "first_candidate_s": {m: round(v, 2) for m, v in first.items()},
         "bank_load_s": round(load_s, 2),
-        "ratio_to_bound": round(max(v / bound for v in results.values()), 3),
+        "ratio_to_bound": round(max(results[m] / bounds[m] for m in methods), 3),
+        "resident_GiB": round(resident / 2**30, 3),
+        "resident_ratio": round(resident_ratio, 3),
+        "sketch": sketch,
     }
-    if mergekit_s:
-        summary["mergekit_s"] = {m: round(v, 3) for m, v in mergekit_s.items()}
-        summary["speedup_vs_mergekit"] = round(min(mergekit_s[m] / results[m] for m in mergekit_s), 1)
+    if args.no_mergekit:
+        return summary
+    import importlib.util
+
+    if importlib.util.find_spec("mergekit") is None:
+        print("mergekit not installed: skipping the comparisons; pip install mergekit==0.1.5", file=sys.stderr)
+        return summary
+    bank = target = None  # free the bank before the comparisons load their own
+    summary |= oneshot_vs_mergekit(fam, args)
+    summary |= candidate_vs_mergekit(fam, args)
+    return summary
+
+
+def sketch_error(numel: int = 1 << 24, densities=(0.1, 0.3, 0.5, 0.7, 0.9)) -> dict:
+    """The kept fraction of TIES thresholds read from the bank's quantile sketch, against the density."""
+    from evomerge.methods import SKETCH_SIZE, Keep, SketchOrder, keep_mask, resolve_keep
+
+    gen = torch.Generator().manual_seed(0)
+    delta = torch.randn(numel, generator=gen) * torch.rand(numel, generator=gen)  # a heavy-ish tail
+    order = SketchOrder(delta, 0)
+    worst = 0.0
+    for d in densities:
+        keep = resolve_keep(Keep("ranks", numel - int(d * numel), numel), order)
+        kept = keep_mask("magnitude", keep, delta).float().mean().item()
+        worst = max(worst, abs(kept - d))
+    return {"sketch_size": SKETCH_SIZE, "numel": numel, "max_error": round(worst, 5),
+            "stated": round((0.25 / SKETCH_SIZE) ** 0.5, 5)}
+
+
+def _cli(argv: list[str]) -> float:
+    start = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    secs = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:3])} failed: {done.stderr.strip()[-400:]}")
+    return secs
+
+
+def oneshot_vs_mergekit(fam: dict[str, Path], args: argparse.Namespace) -> dict:
+    """`evomerge merge CONFIG OUT` vs `mergekit-yaml CONFIG OUT`, the same YAML, medians of repeats."""
+    import yaml
+
+    mergekit_yaml = shutil.which("mergekit-yaml") or str(Path(sys.executable).with_name("mergekit-yaml"))
+    work = Path(tempfile.mkdtemp(prefix="evomerge-oneshot-"))
+    out: dict = {"oneshot_s": {}, "mergekit_yaml_s": {}}
+    try:
+        for method in args.oneshot_methods.split(","):
+            cfg = work / f"{method}.yaml"
+            cfg.write_text(yaml.safe_dump(_mergekit_config(method, fam, args.sources, args.oneshot_dtype)))
+            ours, theirs = [], []
+            for r in range(args.oneshot_repeats):  # interleaved, so drift in the machine hits both
+                shutil.rmtree(work / "out", ignore_errors=True)
+                ours.append(_cli([sys.executable, "-m", "evomerge", "merge", str(cfg), str(work / "out")]))
+                shutil.rmtree(work / "out", ignore_errors=True)
+                theirs.append(_cli([mergekit_yaml, str(cfg), str(work / "out"), "--no-copy-tokenizer"]))
+            out["oneshot_s"][method] = round(statistics.median(ours), 2)
+            out["mergekit_yaml_s"][method] = round(statistics.median(theirs), 2)
+            print(f"one-shot {method} ({args.oneshot_dtype}, disk to disk, median of {args.oneshot_repeats}): "
+                  f"evomerge merge {statistics.median(ours):.1f} s, mergekit-yaml {statistics.median(theirs):.1f} s "
+                  f"({statistics.median(ours) / statistics.median(theirs):.2f}x)", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    out["oneshot_vs_mergekit"] = round(max(out["oneshot_s"][m] / out["mergekit_yaml_s"][m] for m in out["oneshot_s"]), 3)
+    return out
+
+
+def candidate_vs_mergekit(fam: dict[str, Path], args: argparse.Namespace) -> dict:
+    """One search candidate: evomerge's in-memory materialization into the evaluation model, vs
+    mergekit-evolve's default path (the merge written to disk by run_merge, then loaded)."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.bank import SourceBank
+
+    method = "ties"
+    bank = SourceBank([str(fam[f"expert{i}"]) for i in range(args.sources)], str(fam["base"]), device=args.device)
+    model = AutoModelForCausalLM.from_pretrained(fam["base"], dtype=torch.float32).to(args.device)
+    recipe = _recipe(method, fam, args.sources)
+    bank.materialize(recipe, model)
+    ours = _time(lambda: bank.materialize(recipe, model), args.repeats)
+    bank = None
+    cfg = MergeConfiguration.model_validate(_mergekit_config(method, fam, args.sources))
+    opts = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, random_seed=0, device=args.device)
+    work = Path(tempfile.mkdtemp(prefix="mk-candidate-"))
+
+    def mergekit_candidate():
+        shutil.rmtree(work / "out", ignore_errors=True)
+        run_merge(cfg, str(work / "out"), opts)
+        AutoModelForCausalLM.from_pretrained(work / "out", dtype=torch.float32).to(args.device)
+
+    try:
+        theirs = _time(mergekit_candidate, args.mergekit_repeats)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"per candidate ({method}): evomerge in memory {ours * 1e3:.0f} ms, mergekit merge to disk + load "
+          f"{theirs:.1f} s ({theirs / ours:.0f}x)")
+    return {"candidate_s": round(ours, 4), "mergekit_candidate_s": round(theirs, 3),
+            "candidate_speedup_vs_mergekit": round(theirs / ours, 1)}
+
+
+# Llama-shaped models for `bench gpu`: Llama-3.2-1B and Llama-2-7B's shapes, and a tiny one for CPU.
+LLAMA_SIZES = {
+    "tiny": {"hidden": 256, "layers": 4, "intermediate": 688, "vocab": 8000, "heads": 4, "kv_heads": 4},
+    "1b": {"hidden": 2048, "layers": 16, "intermediate": 8192, "vocab": 128256, "heads": 32, "kv_heads": 8},
+    "7b": {"hidden": 4096, "layers": 32, "intermediate": 11008, "vocab": 32000, "heads": 32, "kv_heads": 32},
+}
+
+
+def llama_shapes(hidden: int, layers: int, intermediate: int, vocab: int, heads: int, kv_heads: int) -> dict:
+    kv = hidden // heads * kv_heads
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes |= {p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (kv, hidden),
+                   p + "self_attn.v_proj.weight": (kv, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
+                   p + "mlp.gate_proj.weight": (intermediate, hidden), p + "mlp.up_proj.weight": (intermediate, hidden),
+                   p + "mlp.down_proj.weight": (hidden, intermediate), p + "input_layernorm.weight": (hidden,),
+                   p + "post_attention_layernorm.weight": (hidden,)}
+    return shapes | {"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
+
+
+def _random_model(shapes: dict, seed: int, device: str, dtype: torch.dtype, base=None, noise: float = 0.01):
+    """A lazy name -> tensor mapping of random weights made on the device when read (no download, and
+    never a whole extra model in memory); with `base`, the base plus seeded noise (a "fine-tune")."""
+    from evomerge.checkpoint import StreamedTensors
+    from evomerge.methods import tensor_seed
+
+    def make(name: str) -> torch.Tensor:
+        gen = torch.Generator(device=device).manual_seed(tensor_seed(seed, 0, name))
+        t = torch.randn(shapes[name], generator=gen, device=device, dtype=torch.float32)
+        if base is None:
+            return (t * 0.02).to(dtype)
+        return (base[name].float() + t * noise).to(dtype)
+
+    return StreamedTensors({n: (s, dtype) for n, s in shapes.items()}, make)
+
+
+def plan_for(size: str, sources: int, method: str, dtype: str, capacity: int) -> dict:
+    """The memory plan of `sources` Llama-`size` models on a device of `capacity` bytes, MGSM-sized
+    generation (batch 16 x (512 + 256) tokens) beside the bank."""
+    from evomerge.memory_plan import kv_cache_bytes, layout_of, plan_memory
+    from evomerge.methods import get_method
+    from evomerge.recipe import DTYPES
+
+    cfg = LLAMA_SIZES[size]
+    shapes = llama_shapes(**cfg)
+    element = torch.empty(0, dtype=DTYPES[dtype]).element_size()
+    numel = sum(math.prod(s) for s in shapes.values())
+    layout = layout_of(shapes, set(shapes), sources, get_method(method).element_key == "magnitude", numel)
+    config = {"num_hidden_layers": cfg["layers"], "num_attention_heads": cfg["heads"],
+              "num_key_value_heads": cfg["kv_heads"], "hidden_size": cfg["hidden"]}
+    kv = kv_cache_bytes(config, 16 * (512 + 256), element)
+    out = {"size": size, "sources": sources, "method": method, "dtype": dtype, "capacity_GB": round(capacity / 1e9, 1)}
+    try:
+        plan = plan_memory(layout, element, kv, "cuda", {"storage": "auto", "quantize": "none"},
+                           device_capacity=capacity, host_capacity=None)
+    except Exception as exc:  # an EvomergeError: it does not fit; say why
+        return out | {"fits": False, "why": str(exc)}
+    return out | {"fits": True, "storage": plan.storage, "device_GB": round(plan.device_total / 1e9, 1),
+                  "parts_GB": {k: round(v / 1e9, 2) for k, v in plan.on_device.items()}}
+
+
+def bench_gpu(args: argparse.Namespace) -> dict:
+    """The bank on the accelerator: random Llama-shaped sources made in device memory, one candidate
+    per method against the device's copy bound, first-candidate time (sketches, compile), and the
+    memory plan of 7B x 3 sources DARE-TIES on an 80 GB device."""
+    from evomerge.bank import SourceBank
+    from evomerge.recipe import DTYPES, Recipe
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    size = args.size or ("1b" if device.startswith("cuda") else "tiny")
+    dtype = DTYPES[args.dtype]
+    shapes = llama_shapes(**LLAMA_SIZES[size])
+    params = sum(math.prod(s) for s in shapes.values())
+    print(f"{size}: {params / 1e9:.2f}B parameters x ({args.sources} sources + base), {args.dtype}, on {device}",
+          flush=True)
+    t0 = time.perf_counter()
+    base = _random_model(shapes, 0, device, dtype)
+    bank = SourceBank.from_tensors(base, [_random_model(shapes, i + 1, device, dtype, base)
+                                          for i in range(args.sources)], dtype=dtype, device=device,
+                                   storage=args.storage, compile=None if device.startswith("cuda") else False)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    build_s = time.perf_counter() - t0
+    target = bank.new_target()  # the evaluation model's weights, written in place
+    bandwidth = copy_bandwidth(device, 1 << 30 if device.startswith("cuda") else 1 << 28)
+    results, first, bounds = {}, {}, {}
+    for method in args.methods.split(","):
+        params_ = METHOD_PARAMS[method]
+        recipe = Recipe.from_dict({"method": method, "base": "base", "dtype": args.dtype, "sources": [
+            {"model": f"source{i}", "parameters": {"weight": 0.3 + 0.1 * i, **params_}} for i in range(args.sources)]})
+        first[method] = _time(lambda: bank.materialize(recipe, target), 1)
+        results[method] = _time(lambda: bank.materialize(recipe, target), args.repeats)
+        bounds[method] = must_move(method, bank, args.sources) / bandwidth
+        print(f"  {method:16s}: {results[method] * 1e3:8.1f} ms/candidate, bound {bounds[method] * 1e3:6.1f} ms "
+              f"({results[method] / bounds[method]:.2f}x); first candidate {first[method]:.1f} s", flush=True)
+    peak = torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else None
+    capacity = torch.cuda.mem_get_info(device)[1] if device.startswith("cuda") else 80 * 10**9
+    plans = [plan_for("7b", 3, "dare_ties", "bfloat16", 80 * 10**9)]
+    if device.startswith("cuda"):
+        plans.append(plan_for("7b", 3, "dare_ties", "bfloat16", capacity))
+    for p in plans:
+        verdict = f"fits ({p['storage']} storage, {p['device_GB']} GB)" if p["fits"] else f"does not fit: {p['why']}"
+        print(f"plan 7b x 3 dare_ties bfloat16 on {p['capacity_GB']} GB: {verdict}")
+    summary = {
+        "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
+        "size": size, "params": params, "dtype": args.dtype, "sources": args.sources, "storage": args.storage,
+        "bank_GB": round(bank.memory_bytes() / 1e9, 2), "bank_device_GB": round(bank.device_bytes() / 1e9, 2),
+        "build_s": round(build_s, 1), "copy_GBps": round(bandwidth / 1e9, 1),
+        "materialize_ms": {m: round(v * 1e3, 2) for m, v in results.items()},
+        "bound_ms": {m: round(v * 1e3, 2) for m, v in bounds.items()},
+        "ratio_to_bound": round(max(results[m] / bounds[m] for m in results), 3),
+        "first_candidate_s": {m: round(v, 2) for m, v in first.items()},
+        "plans": plans,
+    }
+    if peak is not None:
+        summary["peak_device_GB"] = round(peak / 1e9, 2)
     return summary
 
 
@@ -327,12 +557,15 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--intermediate", type=int, default=2048)
     m.add_argument("--vocab", type=int, default=32000)
     m.add_argument("--sources", type=int, default=3)
-    m.add_argument("--methods", default="linear,ties,dare_ties")
+    m.add_argument("--methods", default="linear,ties,dare_ties,breadcrumbs_ties,della")
     m.add_argument("--device", default="cpu")
     m.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     m.add_argument("--repeats", type=int, default=5)
     m.add_argument("--mergekit-repeats", type=int, default=1)
     m.add_argument("--no-mergekit", action="store_true")
+    m.add_argument("--oneshot-methods", default="ties,dare_ties")
+    m.add_argument("--oneshot-dtype", default="bfloat16")
+    m.add_argument("--oneshot-repeats", type=int, default=3)
     m.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "evomerge-bench"))
     m.add_argument("--json", action="store_true", help="end with one JSON line")
     g = sub.add_parser("generate", help="batched generation throughput vs batch size 1 (MGSM prompts)")
@@ -370,9 +603,18 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--threads", type=int, default=1, help="torch threads of the driver (each Ray worker has one)")
     e.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "evomerge-bench"))
     e.add_argument("--json", action="store_true")
+    gp = sub.add_parser("gpu", help="the bank on an accelerator: random Llama-shaped sources, no download")
+    gp.add_argument("--size", choices=sorted(LLAMA_SIZES), help="default: 1b on CUDA, tiny elsewhere")
+    gp.add_argument("--device", help="default: cuda when available")
+    gp.add_argument("--dtype", default="bfloat16")
+    gp.add_argument("--sources", type=int, default=3)
+    gp.add_argument("--storage", choices=["device", "host"], default="device")
+    gp.add_argument("--methods", default="task_arithmetic,ties,dare_ties,breadcrumbs_ties")
+    gp.add_argument("--repeats", type=int, default=5)
+    gp.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     handlers = {"materialize": bench_materialize, "generate": bench_generate, "racing": bench_racing,
-                "path": bench_path, "executor": bench_executor}
+                "path": bench_path, "executor": bench_executor, "gpu": bench_gpu}
     summary = handlers[args.what](args)
     if args.json:
         print(json.dumps(summary))

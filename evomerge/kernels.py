@@ -1,4 +1,5 @@
-"""The fused kernel for sparsified merges (TIES, DARE, breadcrumbs), compiled once per campaign.
+"""The fused kernel for task-vector merges (TIES, DARE, breadcrumbs, task arithmetic, linear),
+compiled once per campaign.
 
 Eager PyTorch runs `methods.combine` as ~20 separate passes over each tensor; for masked methods
 that is 10-20x the memory bound. The same arithmetic written element-wise and handed to
@@ -28,6 +29,7 @@ from evomerge.methods import drop_field
 def masked_combine(
     ref: torch.Tensor,
     deltas: list[torch.Tensor],
+    ref_coef: torch.Tensor,  # () float: the reference's coefficient (1 for task vectors)
     lo: torch.Tensor,  # (S,) float: magnitude keys keep lo[i] <= |delta_i| < hi[i]
     hi: torch.Tensor,
     level: torch.Tensor,  # (S,) int64: field keys keep drop_field(j) < level[i]
@@ -38,7 +40,7 @@ def masked_combine(
     lam: torch.Tensor,  # () float
     weight_sum: torch.Tensor,  # () float: the divisor without consensus
     out: torch.Tensor,
-    key_kind: str,
+    key_kind: str,  # "magnitude", "field", or "none" (every element kept)
     consensus: bool,
     normalize: bool,
 ) -> None:
@@ -47,6 +49,9 @@ def masked_combine(
         index = (torch.arange(ref.numel(), device=ref.device, dtype=torch.int64) + start).reshape(ref.shape)
     for i in range(len(deltas)):
         d = deltas[i].float()
+        if key_kind == "none":
+            terms.append(d * coef[i])
+            continue
         if key_kind == "field":
             keep = drop_field(index, (words[i, 0], words[i, 1])) < level[i]
         else:
@@ -74,7 +79,7 @@ def masked_combine(
         mixed = total
         if normalize:
             mixed = mixed / weight_sum
-    out.copy_(ref.float() + mixed * lam)
+    out.copy_(ref.float() * ref_coef + mixed * lam)
 
 
 _compiled = None

@@ -267,6 +267,24 @@ def combine(
     is the reference itself) contributes nothing but still counts in that sum.
     """
     work = torch.float64 if reference.dtype == torch.float64 else torch.float32
+    if not consensus and all(m is None for m in masks) and all(isinstance(c, float) for c in coefficients) \
+            and isinstance(ref_coefficient, float):
+        # Task arithmetic, linear, rescaled DARE at density 1: accumulate in place, one pass per delta.
+        total = float(sum(weights or coefficients))
+        scale = lam / total if normalize and abs(total) >= 1e-8 else lam
+        acc = out if out is not None and out.dtype == work else torch.empty(reference.shape, dtype=work,
+                                                                            device=reference.device)
+        if ref_coefficient == 1.0:
+            acc.copy_(reference)
+        else:
+            torch.mul(reference.to(work), ref_coefficient, out=acc)
+        for delta, coef, keep in zip(deltas, coefficients, keeps):
+            if keep.kind != "none" and delta is not None and coef * keep.scale != 0.0:
+                acc.add_(delta, alpha=coef * keep.scale * scale)
+        if out is not None and acc is not out:
+            out.copy_(acc)
+            return out
+        return acc
     terms = []
     used_weights = []
     for delta, coef, keep, mask, w in zip(deltas, coefficients, keeps, masks, weights or coefficients):

@@ -208,3 +208,8 @@ def test_dare_drop_is_the_same_hash_in_the_compiled_kernel(llama_family):
     for n in a:
         assert torch.equal(a[n] != eager.tensors[n].reference, b[n] != fused.tensors[n].reference), n
         assert torch.allclose(a[n], b[n], atol=1e-6), n
+    # Unmasked task vectors take the kernel too (key "none"), the reference scaled for linear merges.
+    for method, shared in (("task_arithmetic", {"lambda": 0.8}), ("linear", {})):
+        r = recipe(llama_family, method, [{"weight": 0.6}, {"weight": -0.2}, {"weight": 0.9}], shared)
+        a, b = eager.materialize(r), fused.materialize(r)
+        assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from evomerge.campaign import CampaignRunner
+from evomerge.campaign import CampaignRunner, resume_campaign
 from evomerge.config import parse_campaign
 from evomerge.errors import EvomergeError
 from evomerge.journal import Journal
@@ -29,13 +29,13 @@ THREE = ["ties", "dare_ties", "della"]
 def config(fam, space=None, **over):
     cfg = {
         "name": "methods",
-        "seed": 3,
+        "seed": 0,
         "base": str(fam["base"]),
         "sources": {f"e{i}": str(fam[f"expert{i}"]) for i in range(3)},
         "search_space": {"kind": "ps", "method": THREE, "parameters": {"weight": [0.0, 1.0], "density": [0.1, 1.0]},
                          "granularity": "global", **(space or {})},
         "optimizer": {"name": "cma", "population": 6},
-        "budget": 12,
+        "budget": 18,
         "objectives": [{"name": "lp", "metrics": ["reverse_logprob", "sort_logprob"], "direction": "maximize"}],
         "fitness": [{"task": "synthetic-logprob:reverse", "split": "fitness", "n": 8},
                     {"task": "synthetic-logprob:sort", "split": "fitness", "n": 8}],
@@ -111,10 +111,11 @@ def test_decode_gives_each_method_only_the_parameters_it_takes(llama_family):
                 assert value == pytest.approx(expected[p](coords[f"e{i}.{p}@all"]))
 
 
-def test_groups_granularity_gives_rules_only_for_the_parameters_taken(llama_family):
-    space = space_of(config(llama_family, {"method": ["task_arithmetic", "dare_ties"], "granularity": "groups"}))
+def test_groups_and_per_source_fixed_go_only_to_the_methods_that_take_them(llama_family):
+    space = space_of(config(llama_family, {"method": ["task_arithmetic", "dare_ties"], "granularity": "groups",
+                                           "parameters": {"weight": [0.0, 1.0]}, "fixed": {"density": 0.6}}))
     cells = len(space.cells)
-    assert space.dim == 3 * 2 * cells + 1
+    assert space.dim == 3 * cells + 1
     x = space.x0.copy()
     x[-1] = 0.25
     ta = space.decode(x).to_dict()
@@ -123,7 +124,9 @@ def test_groups_granularity_gives_rules_only_for_the_parameters_taken(llama_fami
     x[-1] = 0.75
     dare = space.decode(x).to_dict()
     assert dare["method"] == "dare_ties"
-    assert all(set(s["parameters"]) == {"weight", "density"} for s in dare["sources"])
+    assert all(s["parameters"]["density"] == 0.6 and set(s["parameters"]) == {"weight", "density"}
+               for s in dare["sources"])
+    assert dare["sources"][0]["parameters"]["weight"] == ta["sources"][0]["parameters"]["weight"]
 
 
 # -- a list of one is the plain name -------------------------------------------------------------------
@@ -177,7 +180,7 @@ def test_a_listed_method_that_needs_a_base_without_one_is_refused(llama_family):
     text = str(err.value)
     assert "config field 'base' is missing: method 'ties' merges task vectors relative to a base model" in text
     assert "listed in search_space.method: drop it there, or add a base" in text and "\n" not in text
-    # Without ties the same list builds: linear needs no base, and takes weight only.
+    # A list of base-free methods builds without a base.
     cfg["search_space"]["method"] = ["linear", "nuslerp"]
     cfg["sources"] = {k: cfg["sources"][k] for k in ("e0", "e1")}
     space = preflight(parse_campaign(cfg), build=False).space
@@ -205,6 +208,12 @@ def test_dry_run_describes_the_method_coordinate(llama_family, tmp_path, capsys)
             "'method': 3 equal buckets of [0, 1]); weight in [0, 1], density in [0.1, 1]") in out
     assert re.search(r"e2\.density@all,\s+method\n", out)  # the coordinate names end with the method's
     assert "Traceback" not in out and not (tmp_path / "d").exists()
+    # A bad list stops the dry run with exit 2 and one line on stderr.
+    path.write_text(yaml.safe_dump(config(llama_family, {"method": ["ties", "dare_tie"]})))
+    assert main(["run", str(path), "--out", str(tmp_path / "d"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("evomerge: error: config field 'search_space.method[1]': bad value 'dare_tie'")
+    assert err.rstrip().endswith("did you mean 'dare_ties'?") and err.count("\n") == 1
 
 
 def test_the_shipped_demo_methods_config_dry_runs(tmp_path):
@@ -228,7 +237,20 @@ def _rows(folder):
     return rows
 
 
-def test_a_campaign_searches_the_method_and_resumes_after_a_kill(llama_family, tmp_path):
+@pytest.fixture
+def one_thread(monkeypatch):
+    """One torch thread here and in child processes: the tiny model gains nothing from two, and on cores shared
+    with other work two threads waiting on each other make the campaign many times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    yield
+    torch.set_num_threads(before)
+
+
+def test_a_campaign_searches_the_method_and_resumes_after_a_kill(llama_family, tmp_path, one_thread):
     cfg = config(llama_family)
     reference = tmp_path / "reference"
     CampaignRunner(parse_campaign(cfg), reference, progress=False).run()
@@ -238,9 +260,9 @@ def test_a_campaign_searches_the_method_and_resumes_after_a_kill(llama_family, t
     assert camp.search_space["method"] == tuple(THREE)
     space = space_of(journal.get("config"))  # the stored config builds the same space
     rows = journal.candidates("done")
-    assert len(rows) == 12
+    assert len(rows) == 18
     methods = [r.recipe["method"] for r in rows]
-    assert len(set(methods)) > 1, methods  # the search moved the method
+    assert set(methods) == set(THREE), methods  # every bucket was sampled (seed 0: all three in generation 0)
     for r in rows:  # each recipe is the one its genome's bucket names, with weight and density per source
         assert r.recipe["method"] == space.method_of(r.genome).name
         assert r.recipe == space.decode(r.genome).to_dict()
@@ -250,15 +272,14 @@ def test_a_campaign_searches_the_method_and_resumes_after_a_kill(llama_family, t
     journal.close()
     assert front and all(m.recipe["method"] in THREE and m.holdout for m in front)
     st = campaign_status(reference)
-    assert st["done"] and st["evaluated"] == 12 and st["failed"] == 0
+    assert st["done"] and st["evaluated"] == 18 and st["failed"] == 0
 
     # Killed after the first candidates, `evomerge resume` ends exactly where the uninterrupted run did.
     config_path = tmp_path / "c.yaml"
     config_path.write_text(yaml.safe_dump(cfg))
     killed = tmp_path / "killed"
-    _, seen = run_until(config_path, killed, killed / "journal.sqlite", at_least=3, timeout=120)
-    assert 3 <= seen < 12, "the kill must land mid-campaign"
-    res = cli("resume", killed, "--quiet")
-    assert res.returncode == 0, res.stderr
+    _, seen = run_until(config_path, killed, killed / "journal.sqlite", at_least=4, timeout=120)
+    assert 4 <= seen < 18, "the kill must land mid-campaign"
+    resume_campaign(killed, progress=False)  # what `evomerge resume` runs: the config comes from the journal
     assert _rows(killed) == _rows(reference)
     assert campaign_status(killed)["done"]
