@@ -37,6 +37,7 @@ from evomerge.methods import (
     keep_mask,
     pairwise_cosines,
     resolved_keeps,
+    row_spans,
     tensor_plan,
     tensor_seed,
 )
@@ -379,14 +380,10 @@ class SourceBank:
         dest.copy_(method.merge_direct(ref if recipe.base is not None else None, sources, shared, per_source, seeds))
 
     def _spans(self, ref: torch.Tensor, chunk: int) -> list[tuple[slice, int]]:
-        """(row range, flat index of its first element) of about `chunk` elements; rows stay whole so
-        per-row coefficients align."""
-        if ref.dim() == 0 or self.device.type != "cpu":
+        """Cache-sized row ranges on a CPU; a device runs each tensor whole."""
+        if self.device.type != "cpu":
             return [(slice(None), 0)]
-        rows = ref.shape[0]
-        row_numel = ref.numel() // max(rows, 1)
-        step = max(1, chunk // max(1, row_numel))
-        return [(slice(s, min(rows, s + step)), s * row_numel) for s in range(0, rows, step)]
+        return row_spans(ref.shape, chunk)
 
     def _eager(self, method, bt, plan, keeps, deltas, words, dest) -> None:
         kind = method.element_key

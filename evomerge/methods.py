@@ -130,6 +130,7 @@ class ExactOrder:
 
     def __init__(self, delta: torch.Tensor):
         self.magnitude = delta.reshape(-1).abs().float()
+        self._sample: torch.Tensor | None = None
 
     def at(self, rank: int) -> tuple[float, int]:
         """(value, index) of the element of this rank in ascending (|delta|, index) order."""
@@ -138,11 +139,36 @@ class ExactOrder:
             return math.inf, 0
         if rank <= 0:
             return 0.0, 0
-        value = m.kthvalue(rank + 1).values
-        below = int((m < value).sum())
+        value, below = self._select(rank)
         if rank == below:  # the first of its equals: the value alone is the bound
             return float(value), 0
         return float(value), int(torch.nonzero(m == value)[rank - below, 0])
+
+    def _select(self, rank: int) -> tuple[torch.Tensor, int]:
+        """The value of this rank and the count of smaller elements. A large tensor is bracketed by a
+        sample first (the rank's value lies between two sample quantiles with overwhelming
+        probability), so the selection runs on the few elements in between: two passes over the
+        tensor instead of a full kthvalue. Exact either way; a bracket that misses falls back."""
+        m = self.magnitude
+        n = m.numel()
+        if n > 4 * SKETCH_SIZE:
+            if self._sample is None:
+                gen = torch.Generator(device="cpu").manual_seed(n)
+                self._sample = m[torch.randint(0, n, (SKETCH_SIZE,), generator=gen).to(m.device)].sort().values
+            q = rank / n
+            margin = 8 * math.sqrt(q * (1 - q) / SKETCH_SIZE) + 8 / SKETCH_SIZE
+            lo_i, hi_i = math.floor((q - margin) * SKETCH_SIZE), math.ceil((q + margin) * SKETCH_SIZE)
+            lo = self._sample[lo_i] if lo_i >= 0 else None
+            hi = self._sample[hi_i] if hi_i < SKETCH_SIZE else None
+            below_lo = int((m < lo).sum()) if lo is not None else 0
+            inside = m if lo is None and hi is None else m[((m >= lo) if lo is not None else True)
+                                                           & ((m <= hi) if hi is not None else True)]
+            r = rank - below_lo
+            if 0 <= r < inside.numel():
+                value = inside.kthvalue(r + 1).values
+                return value, below_lo + int((inside < value).sum())
+        value = m.kthvalue(rank + 1).values
+        return value, int((m < value).sum())
 
 
 class SketchOrder:
@@ -638,11 +664,28 @@ def merge_tensor(
     deltas = [s.to(work) - ref for s in sources]
     plan = tensor_plan(method, ref.numel(), shared, per_source, _DirectFacts(ref, sources, deltas), ref.shape)
     keeps = resolved_keeps(plan, deltas, [ExactOrder(d) if k.kind == "ranks" else None for k, d in zip(plan.keeps, deltas)])
-    masks = [keep_mask(method.element_key, k, d, 0, field_words(tensor_seed(seed, pos, tensor_name)))
-             if k.kind == "range" else None for pos, (k, d) in enumerate(zip(keeps, deltas))]
-    return combine(
-        ref, deltas, plan.coefficients, keeps, masks,
-        ref_coefficient=plan.ref_coefficient, consensus=plan.consensus,
-        normalize=plan.normalize, weights=plan.weights, lam=plan.lam,
-    ).to(out_dtype)
+    words = [field_words(tensor_seed(seed, pos, tensor_name)) for pos in range(len(deltas))]
+    out = torch.empty(ref.shape, dtype=out_dtype, device=ref.device)
+    # Chunks of whole rows, so the many element-wise passes of a merge stay in cache (same numbers).
+    for rows, start in row_spans(ref.shape, 1 << 18):
+        parts = [d[rows] for d in deltas]
+        masks = [keep_mask(method.element_key, k, d, start, w) if k.kind == "range" else None
+                 for k, d, w in zip(keeps, parts, words)]
+        combine(
+            ref[rows], parts, [c[rows] if isinstance(c, torch.Tensor) else c for c in plan.coefficients], keeps, masks,
+            ref_coefficient=plan.ref_coefficient, consensus=plan.consensus,
+            normalize=plan.normalize, weights=plan.weights, lam=plan.lam, out=out[rows],
+        )
+    return out
+
+
+def row_spans(shape: torch.Size | tuple, chunk: int) -> list[tuple[slice, int]]:
+    """(row range, flat index of its first element) covering a tensor in pieces of about `chunk`
+    elements; rows stay whole, so per-row coefficients line up with their rows."""
+    if len(shape) == 0:
+        return [(slice(None), 0)]
+    rows = shape[0]
+    row_numel = math.prod(shape[1:])
+    step = max(1, chunk // max(1, row_numel))
+    return [(slice(s, min(rows, s + step)), s * row_numel) for s in range(0, rows, step)]
 from evomerge import methods_recent  # noqa: E402,F401  (registers the newer methods)

@@ -213,3 +213,23 @@ def test_dare_drop_is_the_same_hash_in_the_compiled_kernel(llama_family):
         r = recipe(llama_family, method, [{"weight": 0.6}, {"weight": -0.2}, {"weight": 0.9}], shared)
         a, b = eager.materialize(r), fused.materialize(r)
         assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
+
+
+def test_exact_order_brackets_large_tensors_without_losing_exactness():
+    """ExactOrder selects within a sample-bracketed slice on large tensors: the (value, index) of every
+    rank asked equals a full sort's, repeated values (ties broken by index) included."""
+    from evomerge.methods import ExactOrder
+
+    gen = torch.Generator().manual_seed(1)
+    for delta in (torch.randn(1 << 19, generator=gen), (torch.randn(1 << 19, generator=gen) * 8).round() / 8):
+        order = ExactOrder(delta)
+        magnitude = delta.abs()
+        by_value = sorted(range(magnitude.numel()), key=lambda i: (magnitude[i].item(), i))
+        for rank in (1, 7, 1000, 1 << 17, 262143, 400000, (1 << 19) - 1):
+            value, index = order.at(rank)
+            j = by_value[rank]
+            assert value == magnitude[j].item()
+            if index == 0:  # the value alone bounds the rank: it is the first of its equals
+                assert magnitude[by_value[rank - 1]].item() < value
+            else:  # inside a run of equal values: the index picks the element
+                assert index == j
