@@ -322,7 +322,7 @@ class SourceBank:
         """(tensor, destination, the recipe's deltas on the compute device), tensor after tensor."""
         if self._stager is None:
             for bt, dest in work:
-                yield bt, dest, [bt.deltas[i] for i in idx]
+                yield bt, dest, [bt.deltas[i] for i in idx] if bt.merged else []
             return
         yield from self._stager.stream(work, idx)
 
@@ -476,6 +476,8 @@ class _Stager:
 
     def _stage(self, slot: int, bt: BankTensor, idx: list[int]) -> list[torch.Tensor | None]:
         out: list[torch.Tensor | None] = []
+        if not bt.merged:  # outside a component: copied from the reference, no deltas stored
+            return out
         for j, i in enumerate(idx):
             d = bt.deltas[i]
             if d is None:

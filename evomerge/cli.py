@@ -24,7 +24,7 @@ def _merge(args: argparse.Namespace) -> None:
     out = write_recipe(
         recipe, args.out_dir, device=args.device, shard_size=args.shard_size,
         allow_pickle=args.allow_pickle, overwrite=args.overwrite, progress=not args.quiet,
-        protect=[args.recipe],
+        protect=[args.recipe], exact=not args.as_scored,
     )
     print(f"wrote {out}")
 
@@ -222,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt sources (loaded with weights_only=True)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
+    m.add_argument("--as-scored", action="store_true",
+                   help="merge through a SourceBank as a campaign scores candidates (TIES thresholds of large "
+                        "tensors from its sketch) instead of streaming with exact thresholds")
     m.set_defaults(func=_merge)
     x = sub.add_parser("export", help="write a campaign's candidate as a model folder that transformers loads")
     x.add_argument("dir", help="campaign folder")

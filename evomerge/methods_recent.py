@@ -57,7 +57,10 @@ def magprune_probabilities(delta: torch.Tensor, density: float, epsilon: float) 
     """
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
     work = torch.float64 if delta.dtype == torch.float64 else torch.float32
-    rank = rows.abs().argsort(dim=1, stable=True).argsort(dim=1, stable=True).to(work)
+    order = rows.abs().argsort(dim=1, stable=True)
+    # The inverse permutation (each element's rank) by a scatter, not a second sort.
+    positions = torch.arange(rows.shape[1], device=rows.device, dtype=work).expand(rows.shape[0], -1)
+    rank = torch.empty(rows.shape, dtype=work, device=rows.device).scatter_(1, order, positions)
     width = rows.shape[1]
     spread = rank / (width - 1) if width > 1 else torch.full_like(rank, 0.5)
     return ((density - epsilon) + spread * (2 * epsilon)).reshape(delta.shape)

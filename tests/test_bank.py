@@ -233,3 +233,26 @@ def test_exact_order_brackets_large_tensors_without_losing_exactness():
                 assert magnitude[by_value[rank - 1]].item() < value
             else:  # inside a run of equal values: the index picks the element
                 assert index == j
+
+
+def test_as_scored_merge_is_the_bank_and_plain_merge_is_exact(tmp_path):
+    """A tensor above SKETCH_SIZE: `merge --as-scored` writes what the bank scored (sketched thresholds),
+    a plain merge the exact TIES; the two keep fractions differ by about the sketch's error."""
+    from evomerge.merge import merge_to_disk
+    from evomerge.tiny import build_family
+
+    fam = build_family(tmp_path / "fam", 2, hidden=64, layers=1, intermediate=1100, seed=3)
+    r = Recipe.from_dict({"method": "ties", "base": str(fam["base"]), "sources": [
+        {"model": str(fam[f"expert{i}"]), "parameters": {"weight": 0.7, "density": 0.3}} for i in range(2)]})
+    scored = SourceBank([s.model for s in r.sources], r.base, compile=False).materialize(r)
+    plain = Checkpoint(merge_to_disk(r, tmp_path / "exact"))
+    as_scored = Checkpoint(merge_to_disk(r, tmp_path / "scored", exact=False))
+    base, experts = Checkpoint(fam["base"]), [Checkpoint(fam[f"expert{i}"]) for i in range(2)]
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert base.get(name).numel() > (1 << 16)
+    assert all(torch.equal(as_scored.get(n), scored[n]) for n in scored)
+    shared, per_source = r.resolve(SourceBank([s.model for s in r.sources], r.base).tensors[name].role, name, 1)
+    exact = merge_tensor("ties", base.get(name), [e.get(name) for e in experts], shared, per_source, tensor_name=name)
+    assert torch.equal(plain.get(name), exact)
+    moved = (plain.get(name) != base.get(name)).float().mean().item()
+    assert abs((as_scored.get(name) != base.get(name)).float().mean().item() - moved) < 0.01

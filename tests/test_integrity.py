@@ -328,7 +328,8 @@ def test_dry_run_prints_the_plan_without_reading_a_tensor(llama_family, tmp_path
     assert "genome: 90 coordinate(s)" in out and "e0.weight@block.0/attention" in out and "e2.density@lm_head" in out
     assert "candidates: 50 in 8 generation(s) (the last one partial: 1)" in out
     assert "fitness[0]  synthetic-logprob:reverse  split fitness  n=16" in out
-    assert "memory on cpu (float32): bank" in out and "per-element keys" in out
+    assert "memory plan (float32): storage device, float32 deltas" in out
+    assert "on cpu: reference" in out and "deltas" in out and "evaluation model" in out
     assert not (tmp_path / "d").exists()
 
 
