@@ -1,8 +1,9 @@
 """The memory plan: where a campaign's bank lives, decided before a tensor is read.
 
 A worker holds, on its compute device: the reference weights, the task vectors (deltas) or the
-staging buffers they stream through, the magnitude sketches of sparsifying methods, the model
-being evaluated, and that model's KV cache while it generates. `plan_memory` adds those up from
+staging buffers they stream through, the model being evaluated, and that model's KV cache while
+it generates (and in host memory the magnitude sketches of sparsifying methods, and streamed
+deltas). `plan_memory` adds those up from
 safetensors headers and the model config, compares them with what the device (and the host) can
 give, and picks the placement:
 
@@ -158,7 +159,8 @@ def _parts(layout: BankLayout, element: int, kv: int, storage: str, quantize: in
     else:
         host["deltas"] = deltas
         device["staging"] = 2 * layout.deltas * layout.largest * element
-    device["sketches"] = layout.sketched * layout.deltas * SKETCH_BYTES
+    if layout.sketched:
+        host["sketches"] = layout.sketched * layout.deltas * SKETCH_BYTES  # kept in host memory
     device["evaluation model"] = layout.model * element
     device["KV cache"] = kv
     return device, host

@@ -182,7 +182,8 @@ class SketchOrder:
         flat = delta.reshape(-1)
         gen = torch.Generator(device="cpu").manual_seed(seed)
         picks = torch.randint(0, flat.numel(), (SKETCH_SIZE,), generator=gen).to(flat.device)
-        self.sample = flat[picks].abs().float().sort().values
+        # Kept in host memory: a threshold look-up is then a Python read, never a device sync.
+        self.sample = flat[picks].abs().float().sort().values.cpu()
         self.n = flat.numel()
 
     def at(self, rank: int) -> tuple[float, int]:
