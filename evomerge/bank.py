@@ -35,6 +35,7 @@ from evomerge.methods import (
     combine,
     field_words,
     keep_mask,
+    merge_tensor,
     pairwise_cosines,
     resolved_keeps,
     row_spans,
@@ -158,6 +159,34 @@ def check_compatible(reference: str, ref_shapes: Mapping[str, tuple], sources: M
             )
 
 
+@dataclass
+class SourceFiles:
+    """The checkpoints of a merge, checked against each other from their headers alone."""
+
+    reference: Checkpoint
+    sources: list[Checkpoint]
+    merged: dict[str, str]  # reference tensor name -> the sources' name for it (merged tensors only)
+    num_blocks: int
+
+
+def open_sources(reference_ref: str, source_refs: Iterable[str], component: dict[str, str] | None,
+                 allow_pickle: bool = False) -> SourceFiles:
+    """Open the reference and the sources and check they merge: shapes, vocabularies, a component
+    that matches something. One line naming the culprit otherwise; no tensor is read."""
+    source_refs = list(source_refs)
+    ref = Checkpoint(reference_ref, allow_pickle=allow_pickle)
+    sources = [Checkpoint(s, allow_pickle=allow_pickle) for s in source_refs]
+    names = ref.names()
+    merged = {n: m for n in names if (m := component_source_name(n, component)) is not None}
+    if not merged:
+        raise EvomergeError(f"component {component} matches no tensor of {reference_ref}; "
+                            f"its tensors start like {names[0]!r}")
+    shapes = ref.shapes()
+    check_compatible(reference_ref, shapes, {s: (shapes if ck.path == ref.path else ck.shapes())
+                                             for s, ck in zip(source_refs, sources)}, ref.model_type, component)
+    return SourceFiles(ref, sources, merged, count_blocks(list(merged), ref.model_type))
+
+
 class SourceBank:
     """Sources loaded once; `materialize(recipe)` builds candidates from them in memory."""
 
@@ -179,22 +208,12 @@ class SourceBank:
         `component`: merge only base tensors under these prefixes (see Recipe.component).
         `storage`: "device" or "host" (deltas in host RAM, streamed per tensor); `quantize`: None or 8."""
         self._configure(sources, base, dtype, device, component, storage, quantize)
-        reference_ref = self.base or self.sources[0]
-        ref_ckpt = Checkpoint(reference_ref, allow_pickle=allow_pickle)
+        files = open_sources(self.base or self.sources[0], self.sources, self.component, allow_pickle)
+        ref_ckpt, source_ckpts, names = files.reference, files.sources, files.reference.names()
         self.reference_path = ref_ckpt.path
         self.config = ref_ckpt.config
         self.model_type = ref_ckpt.model_type
-        source_ckpts = [Checkpoint(s, allow_pickle=allow_pickle) for s in self.sources]
-        names = ref_ckpt.names()
-        merged_names = [n for n in names if component_source_name(n, self.component) is not None]
-        if not merged_names:
-            raise EvomergeError(f"component {self.component} matches no tensor of {reference_ref}; "
-                                f"its tensors start like {names[0]!r}")
-        self.num_blocks = count_blocks(merged_names, self.model_type)
-        ref_shapes = ref_ckpt.shapes()
-        check_compatible(reference_ref, ref_shapes,
-                         {s: (ref_shapes if ck.path == self.reference_path else ck.shapes())
-                          for s, ck in zip(self.sources, source_ckpts)}, self.model_type, self.component)
+        self.num_blocks = files.num_blocks
         it = names
         if progress:
             from tqdm import tqdm
@@ -202,7 +221,7 @@ class SourceBank:
             it = tqdm(names, desc="loading sources", unit="tensor")
         where = self.store_device
         for name in it:
-            src_name = component_source_name(name, self.component)
+            src_name = files.merged.get(name)
             self._add(name, ref_ckpt.get(name, self.dtype, where),
                       [None if ck.path == self.reference_path else (lambda ck=ck: ck.get(src_name, self.dtype, where))
                        for ck in (source_ckpts if src_name is not None else ())], src_name is not None)
@@ -373,11 +392,10 @@ class SourceBank:
 
     def _direct(self, recipe, method, bt, dest, deltas, shared, per_source) -> None:
         """A direct method sees whole source tensors, rebuilt from the reference and the deltas."""
-        work = torch.float64 if bt.reference.dtype == torch.float64 else torch.float32
-        ref = bt.reference.to(work)
-        sources = [ref if d is None else ref + d.to(work) for d in deltas]
-        seeds = [tensor_seed(recipe.seed, j, bt.name) for j in range(len(deltas))]
-        dest.copy_(method.merge_direct(ref if recipe.base is not None else None, sources, shared, per_source, seeds))
+        ref = bt.reference.to(torch.float64 if bt.reference.dtype == torch.float64 else torch.float32)
+        sources = [ref if d is None else ref + d.to(ref.dtype) for d in deltas]
+        dest.copy_(merge_tensor(method, ref, sources, shared, per_source, seed=recipe.seed, tensor_name=bt.name,
+                                has_base=recipe.base is not None))
 
     def _spans(self, ref: torch.Tensor, chunk: int) -> list[tuple[slice, int]]:
         """Cache-sized row ranges on a CPU; a device runs each tensor whole."""

@@ -17,8 +17,8 @@ from typing import Iterable
 
 import torch
 
-from evomerge.architecture import classify, count_blocks
-from evomerge.bank import SourceBank, check_compatible, component_source_name, merged_roles
+from evomerge.architecture import classify
+from evomerge.bank import SourceBank, merged_roles, open_sources
 from evomerge.checkpoint import (
     Checkpoint,
     StreamedTensors,
@@ -105,20 +105,10 @@ def streamed_merge(recipe: Recipe, device: str = "cpu", allow_pickle: bool = Fal
     from evomerge.methods import merge_tensor
     from evomerge.recipe import DTYPES
 
-    reference_ref = recipe.base or recipe.sources[0].model
-    ref = Checkpoint(reference_ref, allow_pickle=allow_pickle)
-    sources = [Checkpoint(s.model, allow_pickle=allow_pickle) for s in recipe.sources]
-    names = ref.names()
-    merged = {n: component_source_name(n, recipe.component) for n in names}
-    merged = {n: s for n, s in merged.items() if s is not None}
-    if not merged:
-        raise EvomergeError(f"component {recipe.component} matches no tensor of {reference_ref}; "
-                            f"its tensors start like {names[0]!r}")
-    shapes = ref.shapes()
-    check_compatible(reference_ref, shapes, {s.model: (shapes if ck.path == ref.path else ck.shapes())
-                                             for s, ck in zip(recipe.sources, sources)},
-                     ref.model_type, recipe.component)
-    num_blocks = count_blocks(list(merged), ref.model_type)
+    files = open_sources(recipe.base or recipe.sources[0].model, [s.model for s in recipe.sources],
+                         recipe.component, allow_pickle)
+    ref, sources, merged, num_blocks = files.reference, files.sources, files.merged, files.num_blocks
+    names, shapes = ref.names(), ref.shapes()
     method = recipe.merge_method
     dtype = DTYPES[recipe.dtype]
     out_dtype = DTYPES[recipe.out_dtype or recipe.dtype]

@@ -125,6 +125,14 @@ KEEP_ALL = Keep("all")
 KEEP_NONE = Keep("none")
 
 
+def sorted_sample(magnitude: torch.Tensor, seed: int) -> torch.Tensor:
+    """SKETCH_SIZE elements of a flat tensor drawn with replacement (CPU generator: the same picks on
+    every device), sorted ascending."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    picks = torch.randint(0, magnitude.numel(), (SKETCH_SIZE,), generator=gen).to(magnitude.device)
+    return magnitude[picks].sort().values
+
+
 class ExactOrder:
     """Exact order statistics of (|delta|, index) by selection (kthvalue): no sort, nothing cached."""
 
@@ -153,8 +161,7 @@ class ExactOrder:
         n = m.numel()
         if n > 4 * SKETCH_SIZE:
             if self._sample is None:
-                gen = torch.Generator(device="cpu").manual_seed(n)
-                self._sample = m[torch.randint(0, n, (SKETCH_SIZE,), generator=gen).to(m.device)].sort().values
+                self._sample = sorted_sample(m, n)
             q = rank / n
             margin = 8 * math.sqrt(q * (1 - q) / SKETCH_SIZE) + 8 / SKETCH_SIZE
             lo_i, hi_i = math.floor((q - margin) * SKETCH_SIZE), math.ceil((q + margin) * SKETCH_SIZE)
@@ -179,12 +186,9 @@ class SketchOrder:
     """
 
     def __init__(self, delta: torch.Tensor, seed: int):
-        flat = delta.reshape(-1)
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        picks = torch.randint(0, flat.numel(), (SKETCH_SIZE,), generator=gen).to(flat.device)
         # Kept in host memory: a threshold look-up is then a Python read, never a device sync.
-        self.sample = flat[picks].abs().float().sort().values.cpu()
-        self.n = flat.numel()
+        self.sample = sorted_sample(delta.reshape(-1).abs().float(), seed).cpu()
+        self.n = delta.numel()
 
     def at(self, rank: int) -> tuple[float, int]:
         if rank >= self.n:
