@@ -12,6 +12,7 @@ campaign config or `evomerge eval` writes them:
     {task: "synthetic-logprob:sort", split: fitness, n: 64}       # mean answer log-probability
     {task: "mgsm", lang: ja, split: search, shots: 0, max_new_tokens: 256, language_check: true}
     {task: "mgsm", lang: ja, jsonl: my_gsm8k_ja.jsonl}            # user fitness set
+    {task: "mgsm", lang: ja, hf: {path: my/gsm8k-ja, split: test}, chat_template: auto, system: "..."}
     {task: "lm_eval:arc_easy", limit: 100, include_path: tasks/, metrics: [acc]}
     {task: "perplexity", path: corpus.jsonl, field: text}
     {task: "vqa", path: questions.jsonl, lang: ja}                # LLaVA-family models, ROUGE-L
@@ -45,13 +46,16 @@ class Evaluator(Protocol):
 
 _KEYS = {
     "synthetic": {"task", "split", "n", "seed"},
-    "mgsm": {"task", "lang", "split", "rows", "shots", "shot_rows", "jsonl", "language_check", "language_threshold", "limit",
-             "max_new_tokens", "batch_size", "stop"},
+    "mgsm": {"task", "lang", "split", "rows", "shots", "shot_rows", "jsonl", "hf", "language_check", "language_threshold",
+             "limit", "max_new_tokens", "batch_size", "stop", "chat_template", "system", "prompt", "answer_prefix"},
     "lm_eval": {"task", "metrics", "limit", "include_path", "num_fewshot", "batch_size", "split"},
     "perplexity": {"task", "path", "field", "max_length", "batch_size", "limit", "split"},
-    "vqa": {"task", "path", "lang", "split", "limit", "max_new_tokens", "batch_size", "images"},
+    "vqa": {"task", "path", "easy_vqa", "lang", "split", "limit", "max_new_tokens", "batch_size", "images"},
     "simulate": {"task", "seconds", "spread", "fail_rate", "seed", "split"},
 }
+# Spec keys `evomerge eval` has a flag for (--data sets path/jsonl).
+EVAL_FLAGS = {"lang", "split", "limit", "n", "seed", "include_path", "shots", "num_fewshot", "max_new_tokens",
+              "batch_size", "language_check", "chat_template", "system", "prompt"}
 TASKS = ("synthetic:<copy|reverse|sort|shift>", "synthetic-logprob:<task>", "mgsm[:<lang>]", "lm_eval:<task>",
          "perplexity", "vqa", "simulate")
 
@@ -65,7 +69,7 @@ def build_evaluator(spec: dict, tokenizer, where: str = "fitness") -> Evaluator:
                             f"{close_match(kind, _KEYS)}")
     unknown = set(spec) - _KEYS[family]
     if unknown and where == "eval":  # `evomerge eval` builds the spec from its flags: speak of flags
-        flags = sorted(f"--{k.replace('_', '-')}" for k in _KEYS[family] - {"task", "path", "jsonl"})
+        flags = sorted(f"--{k.replace('_', '-')}" for k in _KEYS[family] & EVAL_FLAGS)
         raise EvomergeError(f"flag(s) {', '.join('--' + k.replace('_', '-') for k in sorted(unknown))} do not apply "
                             f"to {family} tasks; its flags: {', '.join(flags)}")
     if unknown:
@@ -106,8 +110,9 @@ def build_evaluator(spec: dict, tokenizer, where: str = "fitness") -> Evaluator:
             return Simulate(**args)
         from evomerge.evaluators.vqa import VQA
 
-        if "path" not in args:
-            raise EvomergeError(f"config field '{where}.path' is missing: the VQA JSONL file")
+        if "path" not in args and "easy_vqa" not in args:
+            raise EvomergeError(f"config field '{where}.path' is missing: the VQA JSONL file "
+                                "(or easy_vqa: {split: test, start: 0, n: 50})")
         return VQA(tokenizer, **args)
     except (ValueError, TypeError, OSError) as exc:
         raise EvomergeError(f"config field '{where}': {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None

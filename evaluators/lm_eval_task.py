@@ -1,12 +1,16 @@
 """Any lm-eval task on the in-memory model: lm-eval's HFLM wraps the model object directly.
 
 The numbers are lm-eval's own (same task configs, same metric code); only the model comes from
-memory instead of a folder, so a campaign never writes a candidate to disk to score it.
+memory instead of a folder, so a campaign never writes a candidate to disk to score it. Racing
+scores random subsets of the task's documents through lm-eval's own `samples` selection, for
+metrics that are means of per-document scores in [0, 1] (acc, acc_norm, exact_match).
+lm-eval's HFLM already sorts `generate_until` requests by length before batching.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,6 +25,10 @@ def quiet_lm_eval():
         yield
     finally:
         logger.setLevel(level)
+
+
+# lm-eval metrics that are a mean of per-document scores in [0, 1]: what racing can bound.
+BOUNDED_MEAN = {"acc", "acc_norm", "acc_mutual_info", "exact_match"}
 
 
 class LMEvalTask:
@@ -56,13 +64,60 @@ class LMEvalTask:
             raise ValueError(f"lm-eval has no task {task!r}" + ("" if include_path else "; local tasks need include_path"))
         self.split = split  # informational: lm-eval tasks fix their own split in the task YAML
         try:  # load the data now: a data set missing from the offline cache is one line before any weight loads
+            from lm_eval.tasks import get_task_dict
+
             with quiet_lm_eval():
-                self.task_manager.load([task])
+                loaded = get_task_dict([task], self.task_manager)
         except Exception as exc:
             raise ValueError(f"lm-eval task {task!r} could not load its data ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); offline, its data set must be "
                              "in the datasets cache (run the task once with network access) or be local "
                              "(a task YAML under include_path with local data files)") from None
+
+        self._racing_setup(loaded.get(task))
+
+    def _racing_setup(self, task_obj) -> None:
+        """Racing scores a seeded random subset of the task's documents through lm-eval's `samples`
+        argument; it can for metrics whose aggregate is the mean of per-document scores in [0, 1]."""
+        from lm_eval.api.metrics import mean
+
+        self.race_metrics: dict[str, tuple[str, str]] = {}  # our metric name -> (lm-eval metric, filter)
+        self.n_docs = 0
+        if task_obj is None or not hasattr(task_obj, "eval_docs"):  # a group of tasks: no per-document racing
+            return
+        total = len(task_obj.eval_docs)
+        limit = self.limit
+        self.n_docs = total if limit is None else min(total, int(limit) if limit >= 1 else math.ceil(total * limit))
+        filters = [f.name for f in getattr(task_obj, "_filters", [])] or ["none"]
+        for metric, aggregate in getattr(task_obj, "_aggregation_list", {}).items():
+            if metric not in BOUNDED_MEAN or aggregate is not mean:
+                continue
+            for flt in filters:
+                key = metric if flt == "none" else f"{metric},{flt}"
+                if not self.metrics or metric in self.metrics or key in self.metrics:
+                    self.race_metrics[f"{self.task}/{key}"] = (metric, flt)
+
+    @property
+    def bounded(self) -> bool:
+        return bool(self.race_metrics)
+
+    @property
+    def n(self) -> int:
+        return self.n_docs
+
+    def race_metric_names(self) -> set[str]:
+        return set(self.race_metrics)
+
+    def score_examples(self, model, indices: list[int]) -> dict:
+        """Per-document scores of `indices` (positions among the task's evaluated documents)."""
+        import torch
+
+        samples = self._evaluate(model, samples={self.task: sorted(indices)}, log_samples=True)["samples"][self.task]
+        scores = {}
+        for name, (metric, flt) in self.race_metrics.items():
+            by_doc = {s["doc_id"]: float(s[metric]) for s in samples if s.get("filter", "none") == flt}
+            scores[name] = torch.tensor([by_doc[i] for i in indices])
+        return scores
 
     def examples_key(self) -> tuple[str, None]:
         return f"lm_eval:{self.task}", None  # the task fixes its split: the same task twice is the same data
@@ -74,16 +129,19 @@ class LMEvalTask:
         return {"task": f"lm_eval:{self.task}", "split": self.split or "task default", "n": self.limit or "all",
                 "num_fewshot": self.num_fewshot, "include_path": self.include_path}
 
-    def score(self, model) -> dict[str, float]:
+    def _evaluate(self, model, **kwargs) -> dict:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
 
         device = str(next(model.parameters()).device)
         lm = HFLM(pretrained=model, tokenizer=self.tokenizer, device=device, batch_size=self.batch_size)
-        out = lm_eval.simple_evaluate(
-            model=lm, tasks=[self.task], num_fewshot=self.num_fewshot, limit=self.limit,
-            task_manager=self.task_manager, log_samples=False, bootstrap_iters=0, verbosity="ERROR",
-        )
+        with quiet_lm_eval():
+            return lm_eval.simple_evaluate(model=lm, tasks=[self.task], num_fewshot=self.num_fewshot,
+                                           task_manager=self.task_manager, bootstrap_iters=0, verbosity="ERROR",
+                                           **kwargs)
+
+    def score(self, model) -> dict[str, float]:
+        out = self._evaluate(model, limit=self.limit, log_samples=False)
         metrics = {}
         for key, value in out["results"][self.task].items():
             if not isinstance(value, (int, float)) or key in ("alias", "sample_len") or "_stderr" in key:

@@ -15,6 +15,15 @@ counts, so a merge cannot "win" by rambling until a lucky number appears. With
 `language_check`, the generation must also be mostly in the target language, judged offline by
 Unicode script share: among its letters, the fraction in the language's scripts (Japanese:
 hiragana, katakana, kanji) must reach `language_threshold` (EvoLLM-JP required Japanese reasoning).
+
+Prompts go through the model's chat template when its tokenizer has one (`chat_template: auto`;
+see `evaluators/prompts.py`), and then an answer ends at end-of-turn/EOS rather than at a blank
+line. Besides accuracy, a score reports the truncation rate and the mean generated tokens
+(`mgsm_<lang>_tokens`), so a search can trade accuracy against answer length.
+
+Problems come from the shipped MGSM rows, a JSONL file (`jsonl:`) or a Hugging Face data set
+(`hf: {path, name, split, question_field, answer_field}`, read through the `datasets` cache, so
+offline it must be cached or a local folder; GSM8K-style answers ending in "#### 72" parse).
 """
 
 from __future__ import annotations
@@ -23,10 +32,13 @@ import json
 import math
 import re
 import unicodedata
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+
+from evomerge.evaluators.generation import GenerationSettings, generate
+from evomerge.evaluators.prompts import PromptFormat, resolve_format
 
 DATA = Path(__file__).parent / "data" / "mgsm"
 LANGUAGES = ("bn", "de", "en", "es", "fr", "ja", "ru", "sw", "te", "th", "zh")
@@ -140,74 +152,85 @@ def parse_rows(split: str | None, rows: list[int] | None, total: int = 250) -> t
     return start, end
 
 
-@dataclass
-class GenerationSettings:
-    max_new_tokens: int = 256
-    batch_size: int = 16
-    stop: list[str] = field(default_factory=lambda: ["\n\n", "Question:", "問題："])
-    do_sample: bool = False
-
-    def __post_init__(self):
-        from evomerge.evaluators import positive
-
-        positive(self.max_new_tokens, "max_new_tokens")
-        positive(self.batch_size, "batch_size")
-        if not (isinstance(self.stop, list) and all(isinstance(x, str) for x in self.stop)):
-            raise ValueError(f"stop {self.stop!r}: a list of strings")
+PLAIN_STOP = ["\n\n", "Question:", "問題："]  # a plain answer ends at a blank line or the next question
 
 
 def build_prompt(question: str, lang: str, shots: list[tuple[str, float]]) -> str:
+    """The plain prompt in the language's default wording (what `chat_template: false` gives)."""
+    return default_format(lang).render(None, question, [(q, _fmt(a)) for q, a in shots])
+
+
+def default_format(lang: str, chat: bool = False) -> PromptFormat:
     q_word, a_word = TEMPLATES.get(lang, TEMPLATES["en"])
-    parts = [f"{q_word} {sq}\n{a_word} {_fmt(sa)}\n\n" for sq, sa in shots]
-    parts.append(f"{q_word} {question}\n{a_word}")
-    return "".join(parts)
+    return PromptFormat(chat, f"{q_word} {{question}}", a_word)
 
 
 def _fmt(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
 
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings) -> list[tuple[str, bool]]:
-    """Greedy, batched, left-padded generation: (text, truncated) per prompt, stop strings cut off."""
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    out: list[tuple[str, bool]] = []
-    device = next(model.parameters()).device
+def parse_answer(value, where: str) -> float:
+    """A reference answer: a number, or GSM8K's worked solution ending in '#### 72'."""
+    text = str(value)
+    if "####" in text:
+        text = text.rsplit("####", 1)[1]
     try:
-        for start in range(0, len(prompts), settings.batch_size):
-            batch = prompts[start : start + settings.batch_size]
-            enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            gen = model.generate(
-                **enc, max_new_tokens=settings.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id, stop_strings=settings.stop or None, tokenizer=tokenizer,
-            )
-            new = gen[:, enc.input_ids.shape[1] :]
-            for row in new:
-                ids = row.tolist()
-                ended_eos = tokenizer.eos_token_id in ids
-                if ended_eos:
-                    ids = ids[: ids.index(tokenizer.eos_token_id)]
-                text = tokenizer.decode(ids, skip_special_tokens=True)
-                cut = [text.find(s) for s in settings.stop if s and s in text]
-                stopped = bool(cut)
-                if cut:
-                    text = text[: min(cut)]
-                truncated = not ended_eos and not stopped and len(row) >= settings.max_new_tokens
-                out.append((text, truncated))
-    finally:
-        tokenizer.padding_side = side
-    return out
+        answer = float(text.strip().replace(",", ""))
+    except ValueError:
+        raise ValueError(f"{where}: answer {str(value)[:60]!r} is not a number (nor ends in '#### <number>')") from None
+    if not math.isfinite(answer):
+        raise ValueError(f"{where}: answer {value!r} is not a finite number")
+    return answer
+
+
+HF_KEYS = {"path", "name", "split", "question_field", "answer_field", "revision"}
+
+
+def load_hf(spec: dict) -> tuple[list[tuple[str, float]], str, str]:
+    """Problems from a Hugging Face data set through the `datasets` cache (or a local data set folder):
+    (rows, a name for the data that says which split, the data's fingerprint)."""
+    from evomerge.errors import close_match
+
+    if not isinstance(spec, dict) or "path" not in spec:
+        raise ValueError(f"hf {spec!r}: write {{path: <hub id or local folder>, name: <config>, split: test, "
+                         "question_field: question, answer_field: answer}")
+    unknown = set(spec) - HF_KEYS
+    if unknown:
+        raise ValueError(f"hf: unknown key(s) {sorted(unknown)}; allowed: {sorted(HF_KEYS)}"
+                         f"{close_match(sorted(unknown)[0], HF_KEYS)}")
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError("hf: fitness sets need the datasets package: pip install datasets") from None
+    path, name, split = str(spec["path"]), spec.get("name"), str(spec.get("split", "test"))
+    q_field, a_field = str(spec.get("question_field", "question")), str(spec.get("answer_field", "answer"))
+    datasets.disable_progress_bars()
+    try:
+        data = datasets.load_dataset(path, name, split=split, revision=spec.get("revision"))
+    except Exception as exc:
+        raise ValueError(f"hf data set {path!r} (name {name!r}, split {split!r}) cannot be loaded ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0][:160] if str(exc) else ''}); offline it must be in the datasets "
+                         "cache or a local folder") from None
+    missing = [f for f in (q_field, a_field) if f not in data.column_names]
+    if missing:
+        raise ValueError(f"hf data set {path!r} split {split!r} has no column(s) {missing}; its columns: "
+                         f"{data.column_names} (set question_field / answer_field)")
+    rows = [(str(item[q_field]), parse_answer(item[a_field], f"hf {path!r} {split} row {i}"))
+            for i, item in enumerate(data)]
+    if not rows:
+        raise ValueError(f"hf data set {path!r} split {split!r} has no rows")
+    return rows, f"hf:{path}" + (f"/{name}" if name else "") + f":{split}", data._fingerprint
 
 
 class MGSM:
-    """Accuracy on MGSM (or a user JSONL set) in one language: {mgsm_<lang>: accuracy, ...}."""
+    """Accuracy on MGSM (or a user JSONL / Hugging Face set) in one language:
+    {mgsm_<lang>: accuracy, _truncated: rate, _in_language: share, _tokens: mean generated tokens}."""
 
     def __init__(self, tokenizer, lang: str = "ja", split: str | None = "search", rows: list[int] | None = None,
                  shots: int = 0, shot_rows: str | list[int] | None = None, jsonl: str | None = None,
-                 language_check: bool = False, language_threshold: float = 0.5, limit: int | None = None,
+                 hf: dict | None = None, language_check: bool = False, language_threshold: float = 0.5,
+                 limit: int | None = None, chat_template="auto", system: str | None = None,
+                 prompt: str | None = None, answer_prefix: str | None = None, stop: list[str] | None = None,
                  **generation):
         from evomerge.evaluators import positive
 
@@ -216,22 +239,38 @@ class MGSM:
         if isinstance(language_threshold, bool) or not isinstance(language_threshold, (int, float)) \
                 or not 0 <= language_threshold <= 1:
             raise ValueError(f"MGSM language_threshold {language_threshold!r}: a share between 0 and 1 (default 0.5)")
-        if jsonl and (rows is not None or split not in (None, "search")):
-            raise ValueError("MGSM split/rows select rows of the shipped MGSM data; a jsonl set is scored whole "
-                             "(use limit to score fewer)")
+        if jsonl and hf:
+            raise ValueError("MGSM: give jsonl or hf, not both")
+        if (jsonl or hf) and split not in (None, "search"):
+            raise ValueError("MGSM split names rows of the shipped MGSM data; a jsonl/hf set takes rows: [start, end) "
+                             "(or limit)")
         self.tokenizer = tokenizer
         self.lang = lang
-        self.settings = GenerationSettings(**generation)
+        if lang not in LANGUAGES:
+            raise ValueError(f"unknown MGSM language {lang!r}; choose one of {', '.join(LANGUAGES)}")
+        default = default_format(lang)
+        self.format = resolve_format(tokenizer, chat_template, default.prompt if prompt is None else prompt,
+                                     default.answer_prefix if answer_prefix is None else answer_prefix, system)
+        plain_stop = PLAIN_STOP + [w for w in (TEMPLATES[lang][0],) if w not in PLAIN_STOP]
+        self.settings = GenerationSettings(stop=self.format.default_stop(plain_stop) if stop is None else stop,
+                                           **generation)
+        self.fingerprint = None
         if jsonl:
             problems = load_jsonl(jsonl)
             self.dataset = f"jsonl:{Path(jsonl).resolve()}"
-            self.split_name = f"jsonl:{Path(jsonl).name}"
-            start, end = 0, len(problems)
+            label = f"jsonl:{Path(jsonl).name}"
+        elif hf:
+            problems, self.dataset, self.fingerprint = load_hf(hf)
+            label = self.dataset
         else:
             problems = load_rows(lang)
             self.dataset = "mgsm"  # row i is the same problem in every language
+            label = ""
+        if jsonl or hf:  # an outside set is scored whole unless rows: [start, end) picks a part
+            start, end = parse_rows(None, rows, len(problems)) if rows is not None else (0, len(problems))
+        else:
             start, end = parse_rows(split, rows, len(problems))
-            self.split_name = f"rows {start}-{end - 1}"
+        self.split_name = f"{label} rows {start}-{end - 1}".strip()
         evaluated = list(range(start, end))
         if shot_rows is not None:
             a, b = parse_rows(str(shot_rows) if not isinstance(shot_rows, list) else None,
@@ -249,16 +288,19 @@ class MGSM:
             evaluated = evaluated[: len(evaluated) - shots]
         self.rows = evaluated[:limit]
         self.items = [problems[i] for i in self.rows]
-        self.shots = [problems[i] for i in self.shot_rows]
+        self.shots = [(q, _fmt(a)) for q, a in (problems[i] for i in self.shot_rows)]
         self.language_check = language_check
         self.language_threshold = language_threshold
         self.metric = f"mgsm_{lang}"
 
     def identity(self) -> dict:
-        return {"task": f"mgsm:{self.lang}", "split": self.split_name, "n": len(self.items), "shots": len(self.shots),
-                "shot_rows": self.shot_rows, "generation": asdict(self.settings),
-                "answer": "last number; truncated = wrong",
-                "language_check": (f"script share >= {self.language_threshold}" if self.language_check else None)}
+        ident = {"task": f"mgsm:{self.lang}", "split": self.split_name, "n": len(self.items), "shots": len(self.shots),
+                 "shot_rows": self.shot_rows, "prompt": self.format.identity(), "generation": asdict(self.settings),
+                 "answer": "last number; truncated = wrong",
+                 "language_check": (f"script share >= {self.language_threshold}" if self.language_check else None)}
+        if self.fingerprint:
+            ident["data_fingerprint"] = self.fingerprint
+        return ident
 
     def examples_key(self) -> tuple[str, set[int]]:
         """(data set, rows scored): what a campaign checks for overlap between fitness and held-out."""
@@ -268,39 +310,42 @@ class MGSM:
         return self.dataset, set(self.shot_rows)
 
     def metric_names(self) -> set[str]:
-        return {self.metric, f"{self.metric}_truncated", f"{self.metric}_in_language"}
+        return {self.metric, f"{self.metric}_truncated", f"{self.metric}_in_language", f"{self.metric}_tokens"}
 
     @property
     def n(self) -> int:
         return len(self.items)
 
-    def _judge(self, model, items) -> list[tuple[bool, bool, bool]]:
-        """(correct, truncated, in language) per problem."""
-        prompts = [build_prompt(q, self.lang, self.shots) for q, _ in items]
-        outputs = generate(model, self.tokenizer, prompts, self.settings)
+    def prompts(self, items) -> list[str]:
+        return [self.format.render(self.tokenizer, q, self.shots) for q, _ in items]
+
+    def _judge(self, model, items) -> list[tuple[bool, bool, bool, int]]:
+        """(correct, truncated, in language, tokens generated) per problem."""
+        outputs = generate(model, self.tokenizer, self.prompts(items), self.settings)
         self.last_outputs = outputs
         verdicts = []
-        for (text, trunc), (_, gold) in zip(outputs, items):
-            pred = extract_answer(text)
-            in_lang = script_share(text, self.lang) >= self.language_threshold if self.lang in SCRIPTS else True
-            ok = pred is not None and abs(pred - gold) < 1e-6 and not trunc
+        for out, (_, gold) in zip(outputs, items):
+            pred = extract_answer(out.text)
+            in_lang = script_share(out.text, self.lang) >= self.language_threshold if self.lang in SCRIPTS else True
+            ok = pred is not None and abs(pred - gold) < 1e-6 and not out.truncated
             if self.language_check:
                 ok = ok and in_lang
-            verdicts.append((ok, trunc, in_lang))
+            verdicts.append((ok, out.truncated, in_lang, out.tokens))
         return verdicts
 
     def score(self, model) -> dict[str, float]:
         verdicts = self._judge(model, self.items)
         n = len(verdicts)
         return {self.metric: sum(v[0] for v in verdicts) / n, f"{self.metric}_truncated": sum(v[1] for v in verdicts) / n,
-                f"{self.metric}_in_language": sum(v[2] for v in verdicts) / n}
+                f"{self.metric}_in_language": sum(v[2] for v in verdicts) / n,
+                f"{self.metric}_tokens": sum(v[3] for v in verdicts) / n}
 
-    # Racing: accuracy is a mean of 0/1 verdicts, so problems can be scored a slice at a time.
+    # Racing: accuracy is a mean of 0/1 verdicts, so problems can be scored a few at a time.
     bounded = True
 
     def race_metric_names(self) -> set[str]:
         return {self.metric}
 
-    def score_examples(self, model, start: int, end: int) -> dict[str, torch.Tensor]:
-        verdicts = self._judge(model, self.items[start:end])
+    def score_examples(self, model, indices: list[int]) -> dict[str, torch.Tensor]:
+        verdicts = self._judge(model, [self.items[i] for i in indices])
         return {self.metric: torch.tensor([float(v[0]) for v in verdicts])}

@@ -110,15 +110,15 @@ class SyntheticTask:
     def score(self, model) -> dict[str, float]:
         return {self.task: float(exact_match(model, self.batch).mean())}
 
-    # Racing: per-example scores in [0, 1] on a slice of the examples.
+    # Racing: per-example scores in [0, 1] on any subset of the examples.
     bounded = True
 
     def race_metric_names(self) -> set[str]:
         return {self.task}
 
-    def score_examples(self, model, start: int, end: int) -> dict[str, torch.Tensor]:
-        b = self.batch
-        part = EncodedBatch(b.input_ids[start:end], b.attention_mask[start:end], b.target_mask[start:end])
+    def score_examples(self, model, indices: list[int]) -> dict[str, torch.Tensor]:
+        b, index = self.batch, torch.tensor(indices, dtype=torch.long)
+        part = EncodedBatch(b.input_ids[index], b.attention_mask[index], b.target_mask[index])
         return {self.task: exact_match(model, part)}
 
 

@@ -1,6 +1,7 @@
 """VQA for LLaVA-family models: batched greedy answers, scored by ROUGE-L F1 against references.
 
-Data: a JSONL file of {"image": path (relative to the file), "question": ..., "answer": ...}.
+Data: a JSONL file of {"image": path (relative to the file), "question": ..., "answer": ...}, or
+`easy_vqa: {split, start, n}`: items straight from the easy-vqa package (images ship with it).
 `python -m evomerge.evaluators.vqa easy-vqa OUT.jsonl --n 200` writes one from the images and questions
 that the `easy-vqa` package ships (no download).
 
@@ -68,11 +69,39 @@ def read_items(path: str | Path) -> list[dict]:
     return items
 
 
+EASY_VQA_KEYS = {"split", "start", "n"}
+
+
+def read_easy_vqa(spec) -> tuple[list[dict], str]:
+    """Items straight from the easy-vqa package's images and questions: {split: train|test, start, n}."""
+    from evomerge.evaluators import positive
+
+    if not isinstance(spec, dict) or set(spec) - EASY_VQA_KEYS:
+        raise ValueError(f"easy_vqa {spec!r}: write {{split: test, start: 0, n: 50}}")
+    split, start, n = spec.get("split", "test"), spec.get("start", 0), spec.get("n", 50)
+    if split not in ("train", "test"):
+        raise ValueError(f"easy_vqa split {split!r}: train or test")
+    positive(start, "easy_vqa start", 0)
+    positive(n, "easy_vqa n")
+    try:
+        import easy_vqa
+    except ImportError:
+        raise ValueError("easy_vqa data needs the easy-vqa package: pip install easy-vqa") from None
+    questions, answers, image_ids = easy_vqa.get_test_questions() if split == "test" else easy_vqa.get_train_questions()
+    paths = easy_vqa.get_test_image_paths() if split == "test" else easy_vqa.get_train_image_paths()
+    if start + n > len(questions):
+        raise ValueError(f"easy_vqa {split} has {len(questions)} questions; start {start} + n {n} runs past them")
+    items = [{"image": paths[image_ids[i]], "question": questions[i], "answer": answers[i]}
+             for i in range(start, start + n)]
+    return items, f"easy-vqa:{split}"
+
+
 class VQA:
     """{vqa_rougeL: mean ROUGE-L F1} of the model's greedy answers."""
 
-    def __init__(self, processor, path: str, lang: str = "en", split: str | None = None, limit: int | None = None,
-                 max_new_tokens: int = 16, batch_size: int = 8, images: str | None = None):
+    def __init__(self, processor, path: str | None = None, lang: str = "en", split: str | None = None,
+                 limit: int | None = None, max_new_tokens: int = 16, batch_size: int = 8, images: str | None = None,
+                 easy_vqa: dict | None = None):
         if not hasattr(processor, "image_processor"):
             raise ValueError("VQA needs a vision-language model folder with a processor (preprocessor_config.json)")
         from evomerge.evaluators import positive
@@ -80,15 +109,24 @@ class VQA:
         positive(limit, "limit", optional=True)
         positive(max_new_tokens, "max_new_tokens")
         positive(batch_size, "batch_size")
+        if (path is None) == (easy_vqa is None):
+            raise ValueError("VQA data: give path (a JSONL of {image, question, answer}) or easy_vqa: {split, start, n}")
         self.processor = processor
-        self.path, self.lang, self.split = str(path), lang, split or Path(path).name
-        self.items = read_items(path)[:limit]
+        self.lang = lang
+        if easy_vqa is not None:
+            items, self.data = read_easy_vqa(easy_vqa)
+            self.offset = easy_vqa.get("start", 0)
+            self.split = split or f"{self.data} {self.offset}-{self.offset + len(items) - 1}"
+        else:
+            items, self.data, self.offset = read_items(path), f"vqa:{Path(path).resolve()}", 0
+            self.split = split or Path(path).name
+        self.items = items[:limit]
         if not self.items:
             raise ValueError(f"VQA data {path} holds no items")
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
 
     def examples_key(self) -> tuple[str, set[int]]:
-        return f"vqa:{Path(self.path).resolve()}", set(range(len(self.items)))
+        return self.data, set(range(self.offset, self.offset + len(self.items)))
 
     def metric_names(self) -> set[str]:
         return {"vqa_rougeL"}
@@ -105,16 +143,21 @@ class VQA:
         tok = self.processor.tokenizer
         side, tok.padding_side = tok.padding_side, "left"
         device = next(model.parameters()).device
-        out = []
+        out: list[str] = [""] * len(self.items)
+        # Similar lengths share a batch (less padding); answers go back in the items' order.
+        order = sorted(range(len(self.items)), key=lambda i: len(self.items[i]["question"]))
         try:
-            for start in range(0, len(self.items), self.batch_size):
-                batch = self.items[start : start + self.batch_size]
+            for start in range(0, len(order), self.batch_size):
+                rows = order[start : start + self.batch_size]
+                batch = [self.items[i] for i in rows]
                 images = [Image.open(it["image"]).convert("RGB") for it in batch]
                 prompts = [PROMPT.format(question=it["question"]) for it in batch]
                 enc = self.processor(images=images, text=prompts, return_tensors="pt", padding=True).to(device)
                 gen = model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
                                      pad_token_id=tok.pad_token_id)
-                out += [t.strip() for t in tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)]
+                texts = tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+                for i, text in zip(rows, texts):
+                    out[i] = text.strip()
         finally:
             tok.padding_side = side
         return out

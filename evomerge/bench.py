@@ -15,6 +15,7 @@ gpu: random Llama-shaped sources built in memory (no download): bank size, mater
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -372,8 +373,14 @@ def bench_gpu(args: argparse.Namespace) -> dict:
 
 
 def bench_generate(args: argparse.Namespace) -> dict:
-    """Batched greedy generation (left padding) vs batch size 1, same model, same prompts."""
-    from evomerge.evaluators.mgsm import GenerationSettings, build_prompt, generate, load_rows
+    """The generation loop (length-sorted batches, finished rows leave the batch) against the previous
+    path (`model.generate` on batches in the order given), same model, prompts and settings.
+
+    Two workloads: `fixed` (every answer runs to --new-tokens: a random model never stops, so only the
+    sorting can help) and `varied` (answers end at different lengths, as a real model's do: with the
+    built-in random model, EOS takes over the output row of one of its commonly generated tokens)."""
+    from evomerge.evaluators.generation import GenerationSettings, generate, generate_hf
+    from evomerge.evaluators.mgsm import MGSM
     from evomerge.evaluate import load_model
 
     torch.set_num_threads(args.threads)
@@ -388,70 +395,138 @@ def bench_generate(args: argparse.Namespace) -> dict:
         tok = char_tokenizer()
         model = AutoModelForCausalLM.from_config(
             tiny_config("llama", hidden=args.hidden, layers=args.layers, positions=2048)).to(args.device).eval()
-    prompts = [build_prompt(q, args.lang, []) for q, _ in load_rows(args.lang)[: args.prompts]]
-    results = {}
-    for bs in sorted({1, *args.batch_sizes}):
-        settings = GenerationSettings(max_new_tokens=args.new_tokens, batch_size=bs, stop=[])
-        generate(model, tok, prompts[:bs], settings)  # warm-up
-        start = time.perf_counter()
-        outs = generate(model, tok, prompts, settings)
-        secs = time.perf_counter() - start
-        tokens = sum(len(tok(text, add_special_tokens=False).input_ids) for text, _ in outs)
-        results[bs] = {"seconds": round(secs, 2), "tokens": tokens, "tokens_per_s": round(tokens / secs, 1)}
-        print(f"batch {bs:3d}: {tokens} tokens in {secs:6.2f} s = {tokens / secs:8.1f} tokens/s")
-    best = max(results.values(), key=lambda r: r["tokens_per_s"])
-    return {"prompts": len(prompts), "new_tokens": args.new_tokens, "by_batch": results,
-            "speedup_vs_batch1": round(best["tokens_per_s"] / results[1]["tokens_per_s"], 2)}
+    ev = MGSM(tok, lang=args.lang, split="all", limit=args.prompts)
+    prompts = ev.prompts(ev.items)
+    workloads = {"fixed": model}
+    if not args.model:
+        workloads["varied"] = _early_stopping(model, tok, prompts, args.new_tokens)
+    results: dict = {"prompts": len(prompts), "new_tokens": args.new_tokens, "format": ev.format.identity()["format"],
+                     "device": args.device, "workloads": {}}
+    for name, m in workloads.items():
+        rows = {}
+        for bs in args.batch_sizes:
+            settings = GenerationSettings(max_new_tokens=args.new_tokens, batch_size=bs, stop=ev.settings.stop)
+            row = {}
+            for label, fn in (("old", generate_hf), ("new", generate)):
+                fn(m, tok, prompts[:bs], settings)  # warm-up
+                start = time.perf_counter()
+                outs = fn(m, tok, prompts, settings)
+                secs = time.perf_counter() - start
+                tokens = sum(g.tokens for g in outs)
+                row[label] = {"seconds": round(secs, 2), "tokens": tokens, "tokens_per_s": round(tokens / secs, 1),
+                              "mean_tokens": round(tokens / len(outs), 1), "outputs": outs}
+            same = row["old"].pop("outputs") == row["new"].pop("outputs")
+            row["speedup"] = round(row["new"]["tokens_per_s"] / row["old"]["tokens_per_s"], 2)
+            row["same_outputs"] = same
+            rows[bs] = row
+            print(f"{name:6s} batch {bs:3d}: old {row['old']['tokens_per_s']:8.1f} tokens/s, new "
+                  f"{row['new']['tokens_per_s']:8.1f} tokens/s ({row['speedup']:.2f}x; mean answer "
+                  f"{row['new']['mean_tokens']} tokens; same outputs: {same})")
+        results["workloads"][name] = rows
+    return results
+
+
+def _early_stopping(model, tok, prompts: list[str], new_tokens: int):
+    """A copy of a random model whose answers end at varied lengths: the EOS output row becomes a
+    copy of the row of a token it generates now and then (the one closest to a median first stop)."""
+    import copy
+
+    made = []  # what the model generates for a few prompts when nothing stops it, batch 1: no padding
+    for prompt in prompts[:8]:
+        enc = tok(prompt, return_tensors="pt", add_special_tokens=False).to(next(model.parameters()).device)
+        out = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id)
+        made.append(out[0, enc.input_ids.shape[1]:].tolist())
+    first = {}  # token -> positions where it first appears in each answer
+    for ids in made:
+        for t in set(ids):
+            first.setdefault(t, []).append(ids.index(t))
+    eos = tok.eos_token_id
+    target = new_tokens / 3
+    token = min((t for t in first if t != eos), key=lambda t: abs(sorted(first[t])[len(first[t]) // 2] - target)
+                + new_tokens * (len(made) - len(first[t])) / len(made))
+    varied = copy.deepcopy(model)
+    head = varied.get_output_embeddings().weight
+    with torch.no_grad():
+        head[eos] = head[token] * 1.001  # wins exactly where `token` would have been chosen
+    return varied
 
 
 def bench_racing(args: argparse.Namespace) -> dict:
-    """The demo campaign with and without racing: examples scored to reach the plain run's final fitness."""
+    """The demo campaign with and without racing, over several seeds: examples spent, wrong stops
+    (raced candidates whose full score would have beaten their incumbent; each is re-scored in full
+    to find out), and the held-out score of each arm's winner."""
+    import statistics
+
     import yaml
 
     from evomerge.campaign import CampaignRunner
     from evomerge.config import parse_campaign
     from evomerge.demo import DEMO_CONFIG
     from evomerge.journal import Journal
+    from evomerge.view import front_members
+    from evomerge.worker import FITNESS, Task, Worker
 
     torch.set_num_threads(args.threads)
     data = yaml.safe_load(Path(args.config or DEMO_CONFIG).read_text())
     if args.budget:
         data["budget"] = args.budget
-    runs = {}
-    for label, racing in (("plain", None), ("racing", {"stages": args.stages, "z": args.z})):
-        cfg = dict(data, **({"racing": racing} if racing else {}))
-        folder = Path(tempfile.mkdtemp(prefix=f"evomerge-racing-{label}-"))
-        start = time.perf_counter()
-        runner = CampaignRunner(parse_campaign(cfg), folder, progress=False)
-        runner.run()
-        name = runner.campaign.objectives[0].name
-        rows = Journal(folder).candidates()
-        trace, best, used = [], float("-inf"), 0
-        for r in rows:  # in evaluation order: examples spent, best fully-scored fitness so far
-            used += r.examples or 0
-            if r.status == "done":
-                best = max(best, r.objectives[name])
-            trace.append((used, best))
-        runs[label] = {"trace": trace, "final": best, "examples": used, "seconds": time.perf_counter() - start,
-                       "raced": sum(r.status == "raced" for r in rows), "candidates": len(rows)}
-        shutil.rmtree(folder, ignore_errors=True)
-    target = runs["plain"]["final"]
+    seeds = list(range(args.seeds))
+    arms: dict[str, list[dict]] = {"plain": [], "racing": []}
+    for seed in seeds:
+        for label in arms:
+            racing = {"stages": args.stages, "z": args.z, "seed": seed} if label == "racing" else None
+            cfg = dict(data, seed=seed, **({"racing": racing} if racing else {}))
+            folder = Path(tempfile.mkdtemp(prefix=f"evomerge-racing-{label}-"))
+            try:
+                start = time.perf_counter()
+                runner = CampaignRunner(parse_campaign(cfg), folder, progress=False)
+                runner.run()
+                seconds = time.perf_counter() - start
+                objective = runner.campaign.objectives[0].name
+                rows = Journal(folder).candidates()
+                raced = [r for r in rows if r.status == "raced"]
+                wrong = 0
+                if raced:  # the full score each stopped candidate would have had: one worker, no racing
+                    worker = Worker(dataclasses.replace(runner.plan.worker, racing=None), runner.plan.evaluators,
+                                    runner.plan.tokenizer)
+                    full = {r.id: runner.objectives_of(worker.run(Task(r.id, r.recipe, FITNESS)).metrics)[objective]
+                            for r in raced}
+                    wrong = sum(full[r.id] > r.incumbent for r in raced)
+                winner = max(front_members(Journal(folder), runner.campaign), key=lambda m: m.objectives[objective])
+                arms[label].append({
+                    "seed": seed, "examples": sum(r.examples or 0 for r in rows), "candidates": len(rows),
+                    "raced": len(raced), "wrong_stops": wrong, "best_fitness": winner.objectives[objective],
+                    "winner_holdout": winner.holdout.get(objective), "seconds": round(seconds, 1)})
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+            r = arms[label][-1]
+            print(f"seed {seed} {label:6s}: {r['examples']:6d} examples, {r['raced']:3d}/{r['candidates']} stopped "
+                  f"({r['wrong_stops']} wrongly), best fitness {r['best_fitness']:.4f}, winner held-out "
+                  f"{r['winner_holdout']:.4f}, {r['seconds']:.0f} s", flush=True)
 
-    def to_reach(trace):
-        return next((used for used, best in trace if best >= target - 1e-12), None)
+    def spread(values: list[float]) -> dict:
+        return {"mean": round(statistics.fmean(values), 4),
+                "sd": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0}
 
-    plain_n, racing_n = to_reach(runs["plain"]["trace"]), to_reach(runs["racing"]["trace"])
-    for label, r in runs.items():
-        print(f"{label:7s}: {r['candidates']} candidates ({r['raced']} stopped early), {r['examples']} examples scored, "
-              f"final best {r['final']:.4f}, {r['seconds']:.1f} s")
-    ratio = racing_n / plain_n if racing_n and plain_n else None
-    print(f"examples to reach the plain run's final fitness {target:.4f}: plain {plain_n}, racing {racing_n}"
-          + (f" ({ratio:.2f}x)" if ratio else " (not reached)"))
-    return {"target": target, "plain_examples_to_target": plain_n, "racing_examples_to_target": racing_n,
-            "ratio": round(ratio, 3) if ratio else None,
-            "total_examples": {k: v["examples"] for k, v in runs.items()},
-            "final": {k: v["final"] for k, v in runs.items()}, "raced": runs["racing"]["raced"],
-            "rule": {"stages": args.stages, "z": args.z}}
+    ratios = [r["examples"] / p["examples"] for r, p in zip(arms["racing"], arms["plain"])]
+    raced = sum(r["raced"] for r in arms["racing"])
+    wrong = sum(r["wrong_stops"] for r in arms["racing"])
+    summary = {
+        "seeds": len(seeds), "rule": {"stages": args.stages, "z": args.z},
+        "examples_ratio": spread(ratios),
+        "raced_fraction": round(raced / sum(r["candidates"] for r in arms["racing"]), 4),
+        "wrong_stop_rate": round(wrong / raced, 4) if raced else None, "wrong_stops": wrong, "raced": raced,
+        "winner_holdout": {k: spread([r["winner_holdout"] for r in v]) for k, v in arms.items()},
+        "best_fitness": {k: spread([r["best_fitness"] for r in v]) for k, v in arms.items()},
+        "runs": arms,
+    }
+    print(f"examples racing/plain {summary['examples_ratio']['mean']:.3f} ± {summary['examples_ratio']['sd']:.3f} "
+          f"over {len(seeds)} seeds; {raced} candidates stopped, {wrong} of them wrongly "
+          f"(rate {summary['wrong_stop_rate']}); winner held-out plain {summary['winner_holdout']['plain']['mean']:.4f} "
+          f"± {summary['winner_holdout']['plain']['sd']:.4f}, racing {summary['winner_holdout']['racing']['mean']:.4f} "
+          f"± {summary['winner_holdout']['racing']['sd']:.4f}")
+    return summary
 
 
 def bench_path(args: argparse.Namespace) -> dict:
@@ -569,20 +644,22 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--oneshot-repeats", type=int, default=3)
     m.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "evomerge-bench"))
     m.add_argument("--json", action="store_true", help="end with one JSON line")
-    g = sub.add_parser("generate", help="batched generation throughput vs batch size 1 (MGSM prompts)")
+    g = sub.add_parser("generate", help="the generation loop vs model.generate, tokens/s (MGSM prompts)")
     g.add_argument("--model", help="model folder (default: a random tiny Llama)")
     g.add_argument("--hidden", type=int, default=256)
     g.add_argument("--layers", type=int, default=4)
     g.add_argument("--lang", default="en")
     g.add_argument("--prompts", type=int, default=32)
     g.add_argument("--new-tokens", type=int, default=64)
-    g.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
+    g.add_argument("--batch-sizes", type=int, nargs="+", default=[16])
     g.add_argument("--device", default="cpu")
     g.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     g.add_argument("--json", action="store_true")
-    r = sub.add_parser("racing", help="the demo campaign with and without racing (needs the demo family; built if absent)")
+    r = sub.add_parser("racing", help="the demo campaign with and without racing over seeds (needs the demo family; "
+                                      "built if absent)")
     r.add_argument("--config", help="a demo-style config (default experiments/demo.yaml)")
     r.add_argument("--budget", type=int)
+    r.add_argument("--seeds", type=int, default=5, help="campaigns per arm (seeds 0..N-1)")
     r.add_argument("--stages", type=float, nargs="+", default=[0.25, 0.5])
     r.add_argument("--z", type=float, default=2.0)
     r.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))

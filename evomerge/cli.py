@@ -93,7 +93,7 @@ def _tiny(args: argparse.Namespace) -> None:
     from evomerge.tiny import build_family_safely
 
     paths = build_family_safely(args.out_dir, args.experts, arch=args.arch, hidden=args.hidden, layers=args.layers,
-                                seed=args.seed)
+                                seed=args.seed, chat=args.chat)
     for name, path in paths.items():
         print(f"{name}: {path}")
 
@@ -186,6 +186,11 @@ def _eval(args: argparse.Namespace) -> None:
         spec["jsonl" if args.task.startswith("mgsm") else "path"] = args.data
     if args.language_check:
         spec["language_check"] = True
+    if args.chat_template is not None:
+        spec["chat_template"] = {"true": True, "false": False}.get(args.chat_template, args.chat_template)
+    for key, value in (("system", args.system), ("prompt", args.prompt)):
+        if value is not None:
+            spec[key] = value
     report = evaluate_folder(args.model, spec, device=args.device, allow_pickle=args.allow_pickle)
     if args.json:
         print(json.dumps(report, allow_nan=False))
@@ -295,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=int, help="generation length limit (recorded with the score)")
     e.add_argument("--batch-size", type=int)
     e.add_argument("--language-check", action="store_true", help="MGSM: the answer must be in the target language")
+    e.add_argument("--chat-template", choices=["auto", "true", "false"],
+                   help="MGSM: prompt through the tokenizer's chat template (auto: when it has one; the default)")
+    e.add_argument("--system", help="MGSM: a system prompt")
+    e.add_argument("--prompt", help="MGSM: the question wording, with {question} (e.g. 'Q: {question}')")
     e.add_argument("--device", default="cpu")
     e.add_argument("--allow-pickle", action="store_true")
     e.add_argument("--json", action="store_true")
@@ -306,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--hidden", type=int, default=64)
     t.add_argument("--layers", type=int, default=4)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--chat", action="store_true", help="give the tokenizer a chat template (a tiny 'chat model')")
     t.set_defaults(func=_tiny)
     return parser
 

@@ -38,7 +38,7 @@ TOP_LEVEL = ("name", "seed", "base", "sources", "search_space", "optimizer", "bu
 OBJECTIVE_KEYS = ("name", "metrics", "direction", "reference")
 MAX_SEED = 2**31 - 2  # pycma seeds with seed + 1 and needs it below 2^32; one bound everywhere
 MAX_BUDGET = 10_000_000
-RACING_KEYS = ("stages", "z")
+RACING_KEYS = ("stages", "z", "seed")
 
 
 @dataclass
@@ -209,7 +209,7 @@ def parse_racing(racing: Any, objectives: list[Objective]) -> dict | None:
     if racing in (None, False):
         return None
     if not isinstance(racing, dict):
-        raise _fail("racing", racing, "true, or {stages: [0.25, 0.5], z: 2.0}")
+        raise _fail("racing", racing, "true, or {stages: [0.25, 0.5], z: 2.0, seed: 0}")
     check_keys(racing, RACING_KEYS, "racing")
     stages = racing.get("stages", [0.25, 0.5])
     if not (isinstance(stages, list) and stages and all(is_number(f) and 0 < f < 1 for f in stages)
@@ -218,9 +218,12 @@ def parse_racing(racing: Any, objectives: list[Objective]) -> dict | None:
     z = racing.get("z", 2.0)
     if not (is_number(z) and z > 0):
         raise _fail("racing.z", z, "a positive number (2.0: a one-sided ~97.7 % bound)")
+    seed = racing.get("seed", 0)
+    if not is_count(seed, 0):
+        raise _fail("racing.seed", seed, "a non-negative integer (the seed of the order examples are scored in)")
     if len(objectives) != 1 or objectives[0].direction != "maximize" or min(objectives[0].metrics.values()) < 0:
         raise _fail("racing", racing, "one maximized objective with non-negative metric weights")
-    return {"stages": [float(f) for f in stages], "z": float(z)}
+    return {"stages": [float(f) for f in stages], "z": float(z), "seed": seed}
 
 
 def parse_evaluator_specs(data: dict, key: str) -> list[dict]:

@@ -53,7 +53,7 @@ class BuiltinFamily:
 
 FAMILIES: dict[str, BuiltinFamily] = {}
 # Families whose module registers them on import (imported only when a config names them).
-PROVIDERS = {"demo": "evomerge.demo"}
+PROVIDERS = {"demo": "evomerge.demo", "length": "evomerge.length_family", "vqa": "evomerge.vqa_family"}
 
 
 def register_family(family: BuiltinFamily) -> BuiltinFamily:

@@ -15,8 +15,17 @@ CHARS = string.digits + string.ascii_letters + string.punctuation + " \n"
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 
 
-def char_tokenizer():
-    """A character-level fast tokenizer, built offline."""
+# A chat template in the vocabulary's own characters (Zephyr-like turns; an assistant turn ends in EOS),
+# so tests and `evomerge tiny --chat` have a chat model without downloading one.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+def char_tokenizer(chat: bool = False):
+    """A character-level fast tokenizer, built offline (with a chat template when `chat`)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders
     from transformers import PreTrainedTokenizerFast
 
@@ -24,9 +33,12 @@ def char_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
+    if chat:
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
 
 
 def tiny_config(arch: str = "llama", hidden: int = 64, layers: int = 4, vocab: int | None = None,
@@ -70,6 +82,7 @@ def build_family(
     seed: int = 0,
     shard_size: str | None = None,
     tie: bool = False,
+    chat: bool = False,
 ) -> dict[str, Path]:
     """A random base and `n_experts` perturbed copies ("fine-tunes"), saved under `root`.
 
@@ -82,7 +95,7 @@ def build_family(
     torch.manual_seed(seed)
     config = tiny_config(arch, hidden, layers, vocab, intermediate, tie=tie)
     base = AutoModelForCausalLM.from_config(config)
-    tokenizer = char_tokenizer() if vocab is None else None
+    tokenizer = char_tokenizer(chat) if vocab is None else None
     paths = {"base": save_model(base, root / "base", tokenizer, shard_size)}
     state = base.state_dict()
     gen = torch.Generator().manual_seed(seed + 1)

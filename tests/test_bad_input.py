@@ -442,7 +442,7 @@ CASES = [
      r"limit -1: an integer >= 1"),
     ("eval-mgsm-jsonl-with-split", lambda c: ["eval", str(c.fam["base"]), "--task", "mgsm", "--lang", "en", "--data",
                                               str(jsonl(c, ['{"question": "1+1?", "answer": 2}'])), "--split", "5-9"],
-     r"a jsonl set is scored whole"),
+     r"MGSM split names rows of the shipped MGSM data; a jsonl/hf set takes rows"),
     ("eval-mgsm-jsonl-nan-answer", lambda c: ["eval", str(c.fam["base"]), "--task", "mgsm", "--lang", "en", "--data",
                                               str(jsonl(c, ['{"question": "1+1?", "answer": "nan"}']))],
      r"set.jsonl:1: answer 'nan' is not a finite number"),

@@ -98,10 +98,23 @@ def test_racing_stops_hopeless_candidates_and_journals_them(demo_cache, tmp_path
 def test_racing_bound():
     from evomerge.racing import RacingRule
 
-    rule = RacingRule(z=2.0)
-    est, ucb = rule.bounds({"a": 5.0, "b": 10.0}, {"a": 25, "b": 25}, {"a": 0.5, "b": 0.5})
+    rule = RacingRule(z=2.0)  # two looks: each at the one-sided level 0.0228 / 2
+    assert rule.z_look == pytest.approx(2.2776, abs=1e-3)
+    totals = {"a": 101, "b": 101}
+    est, ucb = rule.bounds({"a": 5.0, "b": 10.0}, {"a": 25, "b": 25}, totals, {"a": 0.5, "b": 0.5})
     assert est == pytest.approx(0.3)
     qa, qb = 5.5 / 26, 10.5 / 26
-    assert ucb == pytest.approx(0.3 + 2 * (0.25 * qa * (1 - qa) / 25 + 0.25 * qb * (1 - qb) / 25) ** 0.5)
-    # More examples, tighter bound.
-    assert rule.bounds({"a": 20.0}, {"a": 100}, {"a": 1.0})[1] < rule.bounds({"a": 5.0}, {"a": 25}, {"a": 1.0})[1]
+    fpc = (101 - 25) / 100
+    assert ucb == pytest.approx(0.3 + rule.z_look * (fpc * (0.25 * qa * (1 - qa) / 25 + 0.25 * qb * (1 - qb) / 25)) ** 0.5)
+    # More examples, tighter bound; the whole set, no uncertainty left; more looks, a wider bound.
+    assert rule.bounds({"a": 20.0}, {"a": 100}, totals, {"a": 1.0})[1] < rule.bounds({"a": 5.0}, {"a": 25}, totals, {"a": 1.0})[1]
+    assert rule.bounds({"a": 20.0}, {"a": 101}, totals, {"a": 1.0})[1] == pytest.approx(20 / 101)
+    assert RacingRule(stages=[0.1, 0.2, 0.4, 0.8]).z_look > rule.z_look > RacingRule(stages=[0.5]).z_look == pytest.approx(2.0)
+
+
+def test_racing_visits_a_seeded_random_order_the_same_for_every_candidate():
+    from evomerge.racing import RacingRule
+
+    a, b = RacingRule(seed=0), RacingRule(seed=1)
+    assert a.order(100, 0) == RacingRule(seed=0).order(100, 0) and sorted(a.order(100, 0)) == list(range(100))
+    assert a.order(100, 0) != list(range(100)) and a.order(100, 0) != b.order(100, 0) != a.order(100, 1)

@@ -243,3 +243,37 @@ def test_lm_eval_in_memory_equals_lm_eval_itself(demo_cache, tmp_path):
     res = cli("eval", model_dir, "--task", "lm_eval:evo_reverse_mc", "--include-path", tasks, "--json")
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads(res.stdout.strip().splitlines()[-1])["metrics"]["evo_reverse_mc/acc"] == pytest.approx(theirs[key])
+
+
+def test_lm_eval_tasks_race_on_seeded_document_subsets(tmp_path):
+    """lm-eval racing: per-document scores come from lm-eval's own `samples` selection, in the order
+    asked, and agree with lm-eval's aggregate; a race stops after its first look when it cannot win."""
+    pytest.importorskip("lm_eval")
+    from evomerge.evaluate import load_model
+    from evomerge.evaluators.synthetic import examples
+    from evomerge.racing import RacingRule, race
+
+    data = tmp_path / "reverse.jsonl"
+    rows = []
+    for i, (prompt, answer) in enumerate(examples("reverse", "holdout", 24)):
+        choices = [answer, answer[1:] + answer[0]] if i % 3 else ["".join(sorted(answer)), answer]
+        rows.append({"prompt": prompt, "answer": answer, "choices": choices, "label": choices.index(answer)})
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "evo_reverse_mc.yaml").write_text(LM_EVAL_TASKS["evo_reverse_mc"].format(data=data))
+    from evomerge.tiny import build_family
+
+    model, tok = load_model(build_family(tmp_path / "fam", 1, layers=2)["base"])  # random: right and wrong
+    ev = build_evaluator({"task": "lm_eval:evo_reverse_mc", "include_path": str(tasks)}, tok)
+    assert ev.bounded and ev.n == 24 and ev.race_metric_names() == {"evo_reverse_mc/acc"}
+    order = RacingRule(seed=3).order(24, 0)
+    per_doc = ev.score_examples(model, order)["evo_reverse_mc/acc"]
+    whole = ev.score(model)["evo_reverse_mc/acc"]
+    assert 0 < whole < 1 and float(per_doc.mean()) == pytest.approx(whole)  # a mix of right and wrong
+    again = ev.score_examples(model, order[:6])["evo_reverse_mc/acc"]
+    assert again.tolist() == per_doc[:6].tolist()  # scores follow the order asked, not lm-eval's
+    metrics, scored, stopped = race([ev], model, {"evo_reverse_mc/acc": 1.0}, incumbent=None, rule=RacingRule(seed=3))
+    assert not stopped and scored == 24 and metrics["evo_reverse_mc/acc"] == pytest.approx(whole)
+    metrics, scored, stopped = race([ev], model, {"evo_reverse_mc/acc": 1.0}, incumbent=1.0, rule=RacingRule(seed=3))
+    assert (stopped, scored) == (True, 6) and metrics["evo_reverse_mc/acc"] == pytest.approx(float(per_doc[:6].mean()))

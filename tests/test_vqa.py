@@ -83,3 +83,22 @@ def test_component_bank_materializes_into_a_llava_module_in_place(llava):
     name = "model.layers.0.self_attn.q_proj.weight"
     expected = (vlm.get("language_model." + name) + llm.get(name)) / 2
     assert torch.allclose(state["model.language_model.layers.0.self_attn.q_proj.weight"], expected, atol=1e-6)
+
+
+def test_easy_vqa_items_straight_from_the_package(llava):
+    from evomerge.evaluate import load_processor
+    from evomerge.evaluators import build_evaluator
+    from evomerge.errors import EvomergeError
+
+    proc = load_processor(llava["vlm"])
+    ev = build_evaluator({"task": "vqa", "easy_vqa": {"split": "test", "start": 10, "n": 6}, "max_new_tokens": 3}, proc)
+    written = [json.loads(line) for line in write_easy_vqa(llava["data"].parent / "all.jsonl", n=16).read_text().splitlines()]
+    assert ev.items == written[10:16]
+    assert ev.examples_key() == ("easy-vqa:test", set(range(10, 16))) and ev.identity()["split"] == "easy-vqa:test 10-15"
+    from evomerge.evaluate import load_model
+
+    assert len(ev.answers(load_model(llava["vlm"])[0])) == 6  # in the items' order though batched by length
+    for spec, message in (({"split": "dev"}, "train or test"), ({"n": 0}, "easy_vqa n 0"),
+                          ({"start": 9670, "n": 10}, "runs past them"), ({"rows": 3}, "write {split")):
+        with pytest.raises(EvomergeError, match=message):
+            build_evaluator({"task": "vqa", "easy_vqa": spec}, proc)
