@@ -197,6 +197,11 @@ def _eval(args: argparse.Namespace) -> None:
         return
     ident = report["identity"]
     print(f"{args.model}: {ident.get('task')} [{ident.get('split')}, n={ident.get('n')}] in {report['seconds']:.1f} s")
+    prompt = ident.get("prompt")
+    if prompt:  # which prompt stands behind the numbers: scores are comparable only between equal prompts
+        print(f"  prompt: {prompt['format']}" + (f" (template {prompt['chat_template_sha256']})"
+                                                 if prompt["chat_template_sha256"] else "")
+              + (f", system {prompt['system']!r}" if prompt.get("system") else ""))
     for k, v in report["metrics"].items():
         print(f"  {k}: {v:.4f}" if v is not None else f"  {k}: not finite (the model's outputs are NaN or infinite)")
 
