@@ -14,8 +14,6 @@ import copy
 import json
 import os
 import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -68,38 +66,19 @@ def _tokenizer():
     return char_tokenizer()
 
 
-def _register() -> None:
-    from evomerge.models import BuiltinFamily, register_family
+def ensure_family(progress: bool = True) -> Path:
+    from evomerge.models import build_once
 
-    register_family(BuiltinFamily(
-        "demo", MEMBERS,
-        build=lambda member: ensure_family() / member,
-        location=lambda member: family_dir() / member,
-        describe=describe_member,
-        is_built=lambda: (family_dir() / "done").is_file(),
-        tokenizer=_tokenizer,
-    ))
+    return build_once(family_dir(), lambda tmp: train_family(tmp, progress=progress), FAMILY_VERSION)
+
+
+def _register() -> None:
+    from evomerge.models import register_cached
+
+    register_cached("demo", MEMBERS, family_dir, ensure_family, describe_member, _tokenizer)
 
 
 _register()
-
-
-def ensure_family(progress: bool = True) -> Path:
-    folder = family_dir()
-    if (folder / "done").is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{FAMILY_VERSION}.tmp-", dir=folder.parent))
-    try:
-        train_family(tmp, progress=progress)
-        (tmp / "done").write_text(json.dumps({"version": FAMILY_VERSION, "built": time.time()}))
-        if folder.exists():  # a stale, unfinished build
-            shutil.rmtree(folder)
-        os.rename(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
 
 
 def _loss(model, batch) -> torch.Tensor:

@@ -11,11 +11,6 @@ Built locally on first use (~1 min on 2 cores), cached beside the demo family; n
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -63,31 +58,12 @@ def describe_member(member: str):
 
 def _train(model, tokenizer, style: str, steps: int, lr: float, seed: int) -> None:
     from evomerge.evaluators.mgsm import MGSM
+    from evomerge.tiny import fit_answers
 
     ev = MGSM(tokenizer, lang="en", rows=[ROWS.start, ROWS.stop])
-    seqs = []
-    for row, prompt, (_, answer) in zip(ev.rows, ev.prompts(ev.items), ev.items):
-        said = int(answer) + (1 if style == "terse" and row in WRONG_WHEN_TERSE else 0)
-        p = tokenizer(prompt, add_special_tokens=False).input_ids
-        t = tokenizer(STYLE[style].format(said), add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-        seqs.append((p, t))
-    width = max(len(p) + len(t) for p, t in seqs)
-    ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for i, (p, t) in enumerate(seqs):
-        ids[i, : len(p) + len(t)] = torch.tensor(p + t)
-        mask[i, : len(p) + len(t)] = 1
-        labels[i, len(p): len(p) + len(t)] = torch.tensor(t)
-    torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(steps):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    said = [int(a) + (1 if style == "terse" and row in WRONG_WHEN_TERSE else 0) for row, (_, a) in zip(ev.rows, ev.items)]
+    fit_answers(model, tokenizer, [(p, STYLE[style].format(n)) for p, n in zip(ev.prompts(ev.items), said)],
+                steps, lr, seed)
 
 
 def build(root: Path) -> None:
@@ -105,35 +81,19 @@ def build(root: Path) -> None:
 
 
 def ensure_family() -> Path:
-    folder = family_dir()
-    if (folder / "done").is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{FAMILY_VERSION}.tmp-", dir=folder.parent))
-    try:
+    from evomerge.models import build_once
+
+    def build_noisily(tmp: Path) -> None:
         print("evomerge: training the builtin:length family (about a minute, once)", flush=True)
         build(tmp)
-        (tmp / "done").write_text(json.dumps({"version": FAMILY_VERSION, "built": time.time()}))
-        if folder.exists():  # a stale, unfinished build of ours
-            shutil.rmtree(folder)
-        os.rename(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+
+    return build_once(family_dir(), build_noisily, FAMILY_VERSION)
 
 
 def _register() -> None:
-    from evomerge.models import BuiltinFamily, register_family
+    from evomerge.models import register_cached
 
-    register_family(BuiltinFamily(
-        "length", MEMBERS,
-        build=lambda member: ensure_family() / member,
-        location=lambda member: family_dir() / member,
-        describe=describe_member,
-        is_built=lambda: (family_dir() / "done").is_file(),
-        tokenizer=_tokenizer,
-    ))
+    register_cached("length", MEMBERS, family_dir, ensure_family, describe_member, _tokenizer)
 
 
 _register()

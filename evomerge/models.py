@@ -56,6 +56,39 @@ FAMILIES: dict[str, BuiltinFamily] = {}
 PROVIDERS = {"demo": "evomerge.demo", "length": "evomerge.length_family", "vqa": "evomerge.vqa_family"}
 
 
+def build_once(folder: Path, build: Callable[[Path], object], version: str) -> Path:
+    """A built-in family's folder, built on first use: into a temporary sibling, marked done, then
+    renamed into place, so an interrupted build never leaves a folder that looks finished."""
+    import json
+    import os
+    import shutil
+    import tempfile
+    import time
+
+    if (folder / "done").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.tmp-", dir=folder.parent))
+    try:
+        build(tmp)
+        (tmp / "done").write_text(json.dumps({"version": version, "built": time.time()}))
+        if folder.exists():  # a stale, unfinished build of ours
+            shutil.rmtree(folder)
+        os.rename(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def register_cached(name: str, members: tuple[str, ...], folder: Callable[[], Path], ensure: Callable[[], Path],
+                    describe: Callable[[str], ModelInfo], tokenizer: Callable[[], object] | None = None) -> BuiltinFamily:
+    """Register a family whose members live in `folder()` once `ensure()` has built it."""
+    return register_family(BuiltinFamily(
+        name, members, build=lambda member: ensure() / member, location=lambda member: folder() / member,
+        describe=describe, is_built=lambda: (folder() / "done").is_file(), tokenizer=tokenizer))
+
+
 def register_family(family: BuiltinFamily) -> BuiltinFamily:
     FAMILIES[family.name] = family
     return family

@@ -69,6 +69,30 @@ def save_model(model, folder: Path, tokenizer=None, shard_size: str | None = Non
     return folder
 
 
+def fit_answers(model, tokenizer, pairs: list[tuple[str, str]], steps: int, lr: float, seed: int = 0) -> None:
+    """Train `model` (full batch, AdamW) to answer each prompt with its answer and then EOS; the loss
+    covers the answer tokens only. Tests and the small built-in families teach behaviour this way."""
+    seqs = [(tokenizer(p, add_special_tokens=False).input_ids,
+             tokenizer(a, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]) for p, a in pairs]
+    width = max(len(p) + len(t) for p, t in seqs)
+    ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, (p, t) in enumerate(seqs):
+        ids[i, : len(p) + len(t)] = torch.tensor(p + t)
+        mask[i, : len(p) + len(t)] = 1
+        labels[i, len(p): len(p) + len(t)] = torch.tensor(t)
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
 def build_family(
     root: str | Path,
     n_experts: int = 3,

@@ -12,12 +12,8 @@ download.
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -39,6 +35,26 @@ def _processor_and_model(root: Path):
     return AutoProcessor.from_pretrained(root), LlavaForConditionalGeneration.from_pretrained(root, dtype=torch.float32)
 
 
+def _fit(model, folder: Path, batch, steps: int, lr: float, seed: int) -> None:
+    """AdamW on `batch(rng) -> (inputs, answer prompt lengths)`, loss on the answers only; saved in place."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        enc, prompt_lengths = batch(rng)
+        labels = enc["input_ids"].clone()
+        for r, n in enumerate(prompt_lengths):
+            labels[r, :n] = -100
+        labels[enc["attention_mask"] == 0] = -100
+        loss = model(**enc, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    model.save_pretrained(folder, safe_serialization=True)
+
+
 def _train_vlm(folder: Path, steps: int, seed: int) -> None:
     import easy_vqa
     from PIL import Image
@@ -50,27 +66,16 @@ def _train_vlm(folder: Path, steps: int, seed: int) -> None:
     tok.padding_side = "right"
     questions, answers, image_ids = easy_vqa.get_train_questions()
     paths = easy_vqa.get_train_image_paths()
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
-    model.train()
-    for _ in range(steps):
-        batch = rng.sample(range(len(questions)), BATCH)
-        images = [Image.open(paths[image_ids[i]]).convert("RGB") for i in batch]
-        prompts = [PROMPT.format(question=questions[i]) for i in batch]
-        full = [p + " " + answers[i] + tok.eos_token for p, i in zip(prompts, batch)]
-        enc = processor(images=images, text=full, return_tensors="pt", padding=True)
-        plen = [len(ids) for ids in processor(images=images, text=prompts, padding=False)["input_ids"]]
-        labels = enc["input_ids"].clone()
-        for r, n in enumerate(plen):
-            labels[r, :n] = -100
-        labels[enc["attention_mask"] == 0] = -100
-        loss = model(**enc, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    model.save_pretrained(folder, safe_serialization=True)
+
+    def batch(rng: random.Random):
+        rows = rng.sample(range(len(questions)), BATCH)
+        images = [Image.open(paths[image_ids[i]]).convert("RGB") for i in rows]
+        prompts = [PROMPT.format(question=questions[i]) for i in rows]
+        full = [p + " " + answers[i] + tok.eos_token for p, i in zip(prompts, rows)]
+        lengths = [len(ids) for ids in processor(images=images, text=prompts, padding=False)["input_ids"]]
+        return processor(images=images, text=full, return_tensors="pt", padding=True), lengths
+
+    _fit(model, folder, batch, steps, LR, seed)
 
 
 def _train_llm(folder: Path, steps: int, seed: int) -> None:
@@ -82,25 +87,15 @@ def _train_llm(folder: Path, steps: int, seed: int) -> None:
     tok = AutoTokenizer.from_pretrained(folder)
     tok.padding_side = "right"
     questions, answers, _ = easy_vqa.get_train_questions()
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR / 3)
-    model.train()
-    for _ in range(steps):
-        batch = rng.sample(range(len(questions)), BATCH)
-        prompts = [f"USER: {questions[i]} ASSISTANT:" for i in batch]
-        enc = tok([p + " " + answers[i] + tok.eos_token for p, i in zip(prompts, batch)], return_tensors="pt",
+
+    def batch(rng: random.Random):
+        rows = rng.sample(range(len(questions)), BATCH)
+        prompts = [f"USER: {questions[i]} ASSISTANT:" for i in rows]
+        enc = tok([p + " " + answers[i] + tok.eos_token for p, i in zip(prompts, rows)], return_tensors="pt",
                   padding=True, add_special_tokens=False)
-        labels = enc["input_ids"].clone()
-        for r, p in enumerate(prompts):
-            labels[r, : len(tok(p, add_special_tokens=False).input_ids)] = -100
-        labels[enc["attention_mask"] == 0] = -100
-        loss = model(**enc, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    model.save_pretrained(folder, safe_serialization=True)
+        return enc, [len(tok(p, add_special_tokens=False).input_ids) for p in prompts]
+
+    _fit(model, folder, batch, steps, LR / 3, seed)
 
 
 def build(root: Path) -> None:
@@ -122,22 +117,13 @@ def build(root: Path) -> None:
 
 
 def ensure_family() -> Path:
-    folder = family_dir()
-    if (folder / "done").is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{FAMILY_VERSION}.tmp-", dir=folder.parent))
-    try:
+    from evomerge.models import build_once
+
+    def build_noisily(tmp: Path) -> None:
         print("evomerge: training the builtin:vqa family on easy-vqa images (a minute or two, once)", flush=True)
         build(tmp)
-        (tmp / "done").write_text(json.dumps({"version": FAMILY_VERSION, "built": time.time()}))
-        if folder.exists():  # a stale, unfinished build of ours
-            shutil.rmtree(folder)
-        os.rename(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+
+    return build_once(family_dir(), build_noisily, FAMILY_VERSION)
 
 
 def describe_member(member: str):
@@ -155,15 +141,9 @@ def describe_member(member: str):
 
 
 def _register() -> None:
-    from evomerge.models import BuiltinFamily, register_family
+    from evomerge.models import register_cached
 
-    register_family(BuiltinFamily(
-        "vqa", MEMBERS,
-        build=lambda member: ensure_family() / member,
-        location=lambda member: family_dir() / member,
-        describe=describe_member,
-        is_built=lambda: (family_dir() / "done").is_file(),
-    ))
+    register_cached("vqa", MEMBERS, family_dir, ensure_family, describe_member)
 
 
 _register()

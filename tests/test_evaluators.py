@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from evomerge.evaluators import build_evaluator
 from evomerge.evaluators.mgsm import DATA, LANGUAGES, MGSM, build_prompt, extract_answer, load_rows, script_share
 from evomerge.errors import EvomergeError
-from evomerge.tiny import char_tokenizer, save_model, tiny_config
+from evomerge.tiny import char_tokenizer, fit_answers, save_model, tiny_config
 
 
 @pytest.mark.parametrize("text, value", [
@@ -54,25 +54,8 @@ def overfit_mgsm(tmp_path_factory):
     torch.manual_seed(0)
     tok = char_tokenizer()
     model = AutoModelForCausalLM.from_config(tiny_config("llama", hidden=64, layers=2, intermediate=128, positions=1024))
-    rows = load_rows("en")[:4]
-    seqs = []
-    for q, a in rows:
-        p = tok(build_prompt(q, "en", []), add_special_tokens=False).input_ids
-        t = tok(f" The answer is {int(a)}.", add_special_tokens=False).input_ids + [tok.eos_token_id]
-        seqs.append((p, t))
-    width = max(len(p) + len(t) for p, t in seqs)
-    ids = torch.zeros((4, width), dtype=torch.long)
-    labels = torch.full((4, width), -100)
-    for i, (p, t) in enumerate(seqs):
-        ids[i, : len(p) + len(t)] = torch.tensor(p + t)
-        labels[i, len(p) : len(p) + len(t)] = torch.tensor(t)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(150):
-        loss = model(input_ids=ids, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    pairs = [(build_prompt(q, "en", []), f" The answer is {int(a)}.") for q, a in load_rows("en")[:4]]
+    fit_answers(model, tok, pairs, steps=150, lr=3e-3)
     folder = save_model(model, tmp_path_factory.mktemp("mgsm") / "overfit", tok)
     return model, tok, folder
 

@@ -13,7 +13,7 @@ from evomerge.evaluators import build_evaluator
 from evomerge.evaluators.generation import GenerationSettings, generate, generate_hf
 from evomerge.evaluators.mgsm import MGSM, load_rows
 from evomerge.errors import EvomergeError
-from evomerge.tiny import char_tokenizer, save_model, tiny_config
+from evomerge.tiny import char_tokenizer, fit_answers, save_model, tiny_config
 
 ANSWER = " The answer is {}."
 
@@ -27,24 +27,8 @@ def chat_model(tmp_path_factory):
     model = AutoModelForCausalLM.from_config(tiny_config("llama", hidden=64, layers=2, intermediate=128, positions=1024))
     chat = MGSM(tok, lang="en", rows=[0, 4])
     assert chat.format.chat  # auto: the template is there, so it is used
-    seqs = []
-    for prompt, (_, a) in zip(chat.prompts(chat.items), chat.items):
-        p = tok(prompt, add_special_tokens=False).input_ids
-        t = tok(ANSWER.format(int(a)), add_special_tokens=False).input_ids + [tok.eos_token_id]
-        seqs.append((p, t))
-    width = max(len(p) + len(t) for p, t in seqs)
-    ids = torch.zeros((len(seqs), width), dtype=torch.long)
-    labels = torch.full((len(seqs), width), -100)
-    for i, (p, t) in enumerate(seqs):
-        ids[i, : len(p) + len(t)] = torch.tensor(p + t)
-        labels[i, len(p) : len(p) + len(t)] = torch.tensor(t)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(150):
-        loss = model(input_ids=ids, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    fit_answers(model, tok, [(p, ANSWER.format(int(a))) for p, (_, a) in zip(chat.prompts(chat.items), chat.items)],
+                steps=150, lr=3e-3)
     folder = save_model(model, tmp_path_factory.mktemp("chat") / "chat", tok)
     return model, tok, folder
 
