@@ -9,7 +9,7 @@ Three things make it faster than calling `model.generate` on prompts in the orde
   prompts are prefilled together and their KV cache is spliced beside the running rows' (both
   left-padded to one length), so the batch stays full until the prompts run out. Positions
   nobody attends to any more are trimmed. Splicing needs plain dynamic cache layers; a model with
-  sliding-window layers gets eviction without refill.
+  sliding-window layers (Mistral, Gemma) gets eviction, and the next batch once a batch is done.
 
 transformers' continuous batching (`generate_batch`, paged attention) and a static cache were
 measured on the CPU machine and lost (23.5 s and 2.7-3.2 s against 2.96 s for this loop on 64
@@ -18,6 +18,7 @@ MGSM prompts, a 4-layer 256-wide Llama): see `python -m evomerge.bench generate`
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -71,7 +72,25 @@ def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings)
     stops = stop_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(stops), 0)
     device = next(model.parameters()).device
-    span = max((len(s) for s in settings.stop), default=0) + 2  # tokens enough to hold any stop string
+    # Tokens enough to hold any stop string: a character is at most 4 UTF-8 bytes, a token at least one
+    # (byte-fallback tokenizers spell rare scripts byte by byte).
+    span = 4 * max((len(s) for s in settings.stop), default=0) + 2
+    # Prefill needs the last position's logits only; without this a long prompt batch materializes
+    # (batch x length x vocabulary) logits.
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    # Splicing new rows beside running ones needs plain dynamic cache layers; sliding-window layers
+    # (Mistral, Gemma) get eviction only, and a new batch once the running one has finished.
+    can_splice = all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
+    # A stop string can only complete at a token whose text holds its last character (or part of a
+    # character: byte-fallback pieces decode to U+FFFD); only those tokens pay for decoding the tail.
+    finals = {x[-1] for x in settings.stop} | {"\ufffd"}
+    pieces: dict[int, bool] = {}
+
+    def might_end(token: int) -> bool:
+        if token not in pieces:
+            piece = tokenizer.decode([token], skip_special_tokens=True)
+            pieces[token] = not piece or any(ch in piece for ch in finals)
+        return pieces[token]
     out: list[Generation | None] = [None] * len(prompts)
     queue = sorted(range(len(prompts)), key=lambda i: len(ids[i]))[::-1]  # pop() takes the shortest
     refill_at = max(1, settings.batch_size // 4)  # free slots worth a prefill and a cache copy
@@ -87,33 +106,31 @@ def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=model.config)
         logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                       use_cache=True).logits[:, -1]
+                       use_cache=True, **last_only).logits[:, -1]
         return cache, mask, positions[:, -1], logits
 
     live: list[int] = []  # prompt index per batch row
     made: dict[int, list[int]] = {}
     cache = mask = next_pos = logits = None
     while live or queue:
-        if queue and settings.batch_size - len(live) >= (refill_at if live else 1):
+        if queue and (not live or (can_splice and settings.batch_size - len(live) >= refill_at)):
             rows = [queue.pop() for _ in range(min(len(queue), settings.batch_size - len(live)))]
             made.update({i: [] for i in rows})
             new = prefill(rows)
             if not live:
                 cache, mask, next_pos, logits = new
-            elif all(type(layer) is DynamicLayer for layer in cache.layers + new[0].layers):
+            else:
                 mask = _join(cache, mask, new[0], new[1])
                 next_pos, logits = torch.cat([next_pos, new[2]]), torch.cat([logits, new[3]])
-            else:  # sliding-window or other cache layers: no splicing; these rows wait for a fresh batch
-                queue.extend(reversed(rows))
-                rows = []
             live += rows
         chosen = logits.argmax(-1).tolist()
         keep = []
         for b, i in enumerate(live):
             made[i].append(chosen[b])
             ended = chosen[b] in stops
-            stopped = bool(settings.stop) and any(
-                s in tokenizer.decode(made[i][-span:], skip_special_tokens=True) for s in settings.stop)
+            stopped = bool(settings.stop) and might_end(chosen[b]) and any(
+                s in tail for tail in (tokenizer.decode(made[i][-span:], skip_special_tokens=True),)
+                for s in settings.stop)
             if ended or stopped or len(made[i]) == settings.max_new_tokens:
                 out[i] = _finish(tokenizer, made[i], stops, settings.stop, truncated=not (ended or stopped))
             else:

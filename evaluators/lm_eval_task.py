@@ -82,8 +82,18 @@ class LMEvalTask:
         from lm_eval.api.metrics import mean
 
         self.race_metrics: dict[str, tuple[str, str]] = {}  # our metric name -> (lm-eval metric, filter)
+        self.race_refusal: str | None = None
         self.n_docs = 0
         if task_obj is None or not hasattr(task_obj, "eval_docs"):  # a group of tasks: no per-document racing
+            self.race_refusal = f"lm-eval {self.task!r} is a group of tasks; race its tasks one by one"
+            return
+        shots = self.num_fewshot if self.num_fewshot is not None else getattr(task_obj.config, "num_fewshot", 0)
+        if shots:
+            # lm-eval draws each document's exemplars in evaluation order from a generator reset per
+            # run, so a document scored within a subset would get other exemplars than in the full run.
+            self.race_refusal = (f"lm-eval {self.task!r} is few-shot ({shots}); its exemplars depend on which "
+                                 "documents are scored together, so subsets would not score like the full set; "
+                                 "use num_fewshot: 0 or turn racing off")
             return
         total = len(task_obj.eval_docs)
         limit = self.limit

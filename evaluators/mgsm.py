@@ -246,15 +246,18 @@ class MGSM:
                              "(or limit)")
         self.tokenizer = tokenizer
         self.lang = lang
-        if lang not in LANGUAGES:
+        if not (jsonl or hf) and lang not in LANGUAGES:  # an outside set may be in any language
             raise ValueError(f"unknown MGSM language {lang!r}; choose one of {', '.join(LANGUAGES)}")
+        if language_check and lang not in SCRIPTS:
+            raise ValueError(f"language_check knows the scripts of {', '.join(sorted(SCRIPTS))}, not {lang!r}")
         default = default_format(lang)
         self.format = resolve_format(tokenizer, chat_template, default.prompt if prompt is None else prompt,
                                      default.answer_prefix if answer_prefix is None else answer_prefix, system)
-        plain_stop = PLAIN_STOP + [w for w in (TEMPLATES[lang][0],) if w not in PLAIN_STOP]
+        q_word = TEMPLATES.get(lang, TEMPLATES["en"])[0]
+        plain_stop = PLAIN_STOP + ([q_word] if q_word not in PLAIN_STOP else [])
         self.settings = GenerationSettings(stop=self.format.default_stop(plain_stop) if stop is None else stop,
                                            **generation)
-        self.fingerprint = None
+        self.fingerprint, self.hf = None, None
         if jsonl:
             problems = load_jsonl(jsonl)
             self.dataset = f"jsonl:{Path(jsonl).resolve()}"
@@ -262,6 +265,7 @@ class MGSM:
         elif hf:
             problems, self.dataset, self.fingerprint = load_hf(hf)
             label = self.dataset
+            self.hf = dict(hf)
         else:
             problems = load_rows(lang)
             self.dataset = "mgsm"  # row i is the same problem in every language
@@ -292,14 +296,15 @@ class MGSM:
         self.language_check = language_check
         self.language_threshold = language_threshold
         self.metric = f"mgsm_{lang}"
+        self.format.render(tokenizer, self.items[0][0], self.shots)  # a template that refuses it: one line now
 
     def identity(self) -> dict:
         ident = {"task": f"mgsm:{self.lang}", "split": self.split_name, "n": len(self.items), "shots": len(self.shots),
                  "shot_rows": self.shot_rows, "prompt": self.format.identity(), "generation": asdict(self.settings),
                  "answer": "last number; truncated = wrong",
                  "language_check": (f"script share >= {self.language_threshold}" if self.language_check else None)}
-        if self.fingerprint:
-            ident["data_fingerprint"] = self.fingerprint
+        if self.hf:
+            ident["data"] = {**self.hf, "fingerprint": self.fingerprint}
         return ident
 
     def examples_key(self) -> tuple[str, set[int]]:

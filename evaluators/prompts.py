@@ -17,9 +17,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-CHAT_CHOICES = ("auto", True, False)
-
-
 @dataclass
 class PromptFormat:
     chat: bool
@@ -59,7 +56,7 @@ class PromptFormat:
 
 def resolve_format(tokenizer, chat_template, prompt: str, answer_prefix: str, system: str | None) -> PromptFormat:
     """The prompt format a task asked for, checked against the tokenizer."""
-    if chat_template not in CHAT_CHOICES or chat_template is None:
+    if not (isinstance(chat_template, bool) or chat_template == "auto"):
         raise ValueError(f"chat_template {chat_template!r}: auto (the tokenizer's template when it has one), true or false")
     for name, value in (("prompt", prompt), ("answer_prefix", answer_prefix), ("system", system)):
         if value is not None and not isinstance(value, str):

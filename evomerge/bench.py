@@ -427,8 +427,8 @@ def bench_generate(args: argparse.Namespace) -> dict:
 
 
 def _early_stopping(model, tok, prompts: list[str], new_tokens: int):
-    """A copy of a random model whose answers end at varied lengths: the EOS output row becomes a
-    copy of the row of a token it generates now and then (the one closest to a median first stop)."""
+    """A copy of a random model whose answers end at varied lengths: the EOS output row trades places
+    with the row of a token it generates now and then (the one closest to a median first stop)."""
     import copy
 
     made = []  # what the model generates for a few prompts when nothing stops it, batch 1: no padding
@@ -447,8 +447,8 @@ def _early_stopping(model, tok, prompts: list[str], new_tokens: int):
                 + new_tokens * (len(made) - len(first[t])) / len(made))
     varied = copy.deepcopy(model)
     head = varied.get_output_embeddings().weight
-    with torch.no_grad():
-        head[eos] = head[token] * 1.001  # wins exactly where `token` would have been chosen
+    with torch.no_grad():  # swap the two output rows: EOS is chosen exactly where `token` would have been
+        head[[eos, token]] = head[[token, eos]]
     return varied
 
 
@@ -493,39 +493,55 @@ def bench_racing(args: argparse.Namespace) -> dict:
                     full = {r.id: runner.objectives_of(worker.run(Task(r.id, r.recipe, FITNESS)).metrics)[objective]
                             for r in raced}
                     wrong = sum(full[r.id] > r.incumbent for r in raced)
+                # Candidates whose full score beat the bar they were raced against: the ones a stop would wrong.
+                beat = wrong + sum(r.status == "done" and r.incumbent is not None and r.objectives[objective] > r.incumbent
+                                   for r in rows)
                 winner = max(front_members(Journal(folder), runner.campaign), key=lambda m: m.objectives[objective])
                 arms[label].append({
                     "seed": seed, "examples": sum(r.examples or 0 for r in rows), "candidates": len(rows),
-                    "raced": len(raced), "wrong_stops": wrong, "best_fitness": winner.objectives[objective],
+                    "raced": len(raced), "wrong_stops": wrong, "beat_incumbent": beat,
+                    "best_fitness": winner.objectives[objective],
                     "winner_holdout": winner.holdout.get(objective), "seconds": round(seconds, 1)})
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
             r = arms[label][-1]
+            held = f"{r['winner_holdout']:.4f}" if r["winner_holdout"] is not None else "n/a (no holdout)"
             print(f"seed {seed} {label:6s}: {r['examples']:6d} examples, {r['raced']:3d}/{r['candidates']} stopped "
-                  f"({r['wrong_stops']} wrongly), best fitness {r['best_fitness']:.4f}, winner held-out "
-                  f"{r['winner_holdout']:.4f}, {r['seconds']:.0f} s", flush=True)
+                  f"({r['wrong_stops']} wrongly), best fitness {r['best_fitness']:.4f}, winner held-out {held}, "
+                  f"{r['seconds']:.0f} s", flush=True)
 
-    def spread(values: list[float]) -> dict:
+    def spread(values: list) -> dict | None:
+        values = [v for v in values if v is not None]
+        if not values:
+            return None
         return {"mean": round(statistics.fmean(values), 4),
                 "sd": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0}
 
     ratios = [r["examples"] / p["examples"] for r, p in zip(arms["racing"], arms["plain"])]
     raced = sum(r["raced"] for r in arms["racing"])
     wrong = sum(r["wrong_stops"] for r in arms["racing"])
+    beat = sum(r["beat_incumbent"] for r in arms["racing"])
     summary = {
         "seeds": len(seeds), "rule": {"stages": args.stages, "z": args.z},
         "examples_ratio": spread(ratios),
         "raced_fraction": round(raced / sum(r["candidates"] for r in arms["racing"]), 4),
-        "wrong_stop_rate": round(wrong / raced, 4) if raced else None, "wrong_stops": wrong, "raced": raced,
+        # What the bound controls: of the candidates whose full score beat their bar, the share stopped.
+        "wrong_stop_rate": round(wrong / beat, 4) if beat else None,
+        "wrong_stops": wrong, "beat_incumbent": beat, "raced": raced,
+        "wrong_share_of_stops": round(wrong / raced, 4) if raced else None,
         "winner_holdout": {k: spread([r["winner_holdout"] for r in v]) for k, v in arms.items()},
         "best_fitness": {k: spread([r["best_fitness"] for r in v]) for k, v in arms.items()},
         "runs": arms,
     }
+
+    def held(arm: str) -> str:
+        h = summary["winner_holdout"][arm]
+        return f"{h['mean']:.4f} ± {h['sd']:.4f}" if h else "n/a"
+
     print(f"examples racing/plain {summary['examples_ratio']['mean']:.3f} ± {summary['examples_ratio']['sd']:.3f} "
-          f"over {len(seeds)} seeds; {raced} candidates stopped, {wrong} of them wrongly "
-          f"(rate {summary['wrong_stop_rate']}); winner held-out plain {summary['winner_holdout']['plain']['mean']:.4f} "
-          f"± {summary['winner_holdout']['plain']['sd']:.4f}, racing {summary['winner_holdout']['racing']['mean']:.4f} "
-          f"± {summary['winner_holdout']['racing']['sd']:.4f}")
+          f"over {len(seeds)} seeds; {raced} candidates stopped; of the {beat} whose full score beat their bar, "
+          f"{wrong} were stopped (wrong-stop rate {summary['wrong_stop_rate']}); winner held-out plain {held('plain')}, "
+          f"racing {held('racing')}")
     return summary
 
 
@@ -623,6 +639,12 @@ def bench_executor(args: argparse.Namespace) -> dict:
     return summary
 
 
+def _at_least_one(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number >= 1")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m evomerge.bench")
     sub = parser.add_subparsers(dest="what", required=True)
@@ -659,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
                                       "built if absent)")
     r.add_argument("--config", help="a demo-style config (default experiments/demo.yaml)")
     r.add_argument("--budget", type=int)
-    r.add_argument("--seeds", type=int, default=5, help="campaigns per arm (seeds 0..N-1)")
+    r.add_argument("--seeds", type=_at_least_one, default=5, help="campaigns per arm (seeds 0..N-1)")
     r.add_argument("--stages", type=float, nargs="+", default=[0.25, 0.5])
     r.add_argument("--z", type=float, default=2.0)
     r.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))

@@ -195,6 +195,9 @@ def _check_metrics(campaign: Campaign, evaluators: dict[str, list]) -> None:
             raise EvomergeError(f"config field 'objectives': metric(s) {missing} are not produced by the fitness "
                                 f"evaluators (they produce {sorted(produced)}); fix 'objectives' or 'fitness'")
     if campaign.racing:
+        refused = [ev.race_refusal for ev in evaluators[FITNESS] if getattr(ev, "race_refusal", None)]
+        if refused:
+            raise EvomergeError(f"config field 'racing': {refused[0]}")
         unbounded = [ev.identity()["task"] for ev in evaluators[FITNESS] if not getattr(ev, "bounded", False)]
         if unbounded:
             raise EvomergeError(f"config field 'racing': fitness task(s) {unbounded} give no per-example scores "

@@ -260,3 +260,6 @@ def test_lm_eval_tasks_race_on_seeded_document_subsets(tmp_path):
     assert not stopped and scored == 24 and metrics["evo_reverse_mc/acc"] == pytest.approx(whole)
     metrics, scored, stopped = race([ev], model, {"evo_reverse_mc/acc": 1.0}, incumbent=1.0, rule=RacingRule(seed=3))
     assert (stopped, scored) == (True, 6) and metrics["evo_reverse_mc/acc"] == pytest.approx(float(per_doc[:6].mean()))
+    # Few-shot: lm-eval draws exemplars in evaluation order, so a subset would not score like the full set.
+    shots = build_evaluator({"task": "lm_eval:evo_reverse_mc", "include_path": str(tasks), "num_fewshot": 2}, tok)
+    assert not shots.bounded and "is few-shot (2)" in shots.race_refusal

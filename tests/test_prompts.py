@@ -73,6 +73,8 @@ def test_plain_format_system_prompt_and_task_wording_change_the_prompt_and_ident
     ({"prompt": "Solve this."}, "has no {question} placeholder"),
     ({"system": "  "}, "system prompt is empty"),
     ({"stop": [""]}, "a list of non-empty strings"),
+    ({"chat_template": 1}, "chat_template 1: auto"),
+    ({"language_check": True, "lang": "ko", "jsonl": __file__}, "language_check knows the scripts of"),
 ])
 def test_bad_prompt_settings_are_one_line(spec, message):
     with pytest.raises(EvomergeError, match=message.replace("{", r"\{").replace("}", r"\}")):
@@ -107,7 +109,8 @@ def test_fitness_set_from_a_local_hugging_face_dataset_folder(chat_model, tmp_pa
     ev = build_evaluator(spec, tok)
     assert [a for _, a in ev.items] == [a for _, a in rows] and ev.score(model)["mgsm_en"] == 1.0
     ident = ev.identity()
-    assert ident["split"].startswith(f"hf:{folder}:test rows 0-3") and ident["data_fingerprint"]
+    assert ident["split"].startswith(f"hf:{folder}:test rows 0-3") and ident["data"]["fingerprint"]
+    assert ident["data"]["question_field"] == "problem" and ident["data"]["answer_field"] == "solution"
     assert ev.examples_key() == (f"hf:{folder}:test", {0, 1, 2, 3})
     part = build_evaluator({**spec, "rows": [2, 4]}, tok)
     assert part.items == ev.items[2:]
@@ -166,3 +169,39 @@ def test_demo_vqa_merges_a_text_model_into_the_llava_and_scores_rouge(tmp_path, 
     front = runner.run().front
     assert front and front[0].objectives["rougeL"] > 0.3  # the trained VLM answers; random would score ~0
     assert "vqa_rougeL" in front[0].holdout
+
+
+def test_sliding_window_models_generate_like_hf_without_splicing_their_cache():
+    """Mistral-style sliding-window cache layers cannot be spliced: finished rows still leave, and a
+    new batch is prefilled only when the running one is done (no prefill per step)."""
+    from transformers import DynamicCache, MistralConfig
+
+    from evomerge.bench import _early_stopping
+
+    torch.manual_seed(1)
+    tok = char_tokenizer()
+    config = MistralConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=1024, sliding_window=16,
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    assert any(type(layer).__name__ != "DynamicLayer" for layer in DynamicCache(config=config).layers)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ev = MGSM(tok, lang="en", rows=[0, 10])
+    prompts = ev.prompts(ev.items)
+    varied = _early_stopping(model, tok, prompts, 24)
+    prefills = []
+    varied.register_forward_pre_hook(lambda m, a, kw: prefills.append(1) if kw["input_ids"].shape[1] > 1 else None,
+                                     with_kwargs=True)
+    settings = GenerationSettings(max_new_tokens=24, batch_size=4)
+    ours = generate(varied, tok, prompts, settings)
+    assert len(prefills) == 3  # ceil(10 / 4) batches, each prefilled once
+    assert ours == generate_hf(varied, tok, prompts, settings)
+    assert len({g.tokens for g in ours}) > 1  # rows did finish at different steps
+
+
+def test_a_chat_template_that_refuses_the_system_prompt_is_one_line_before_any_generation():
+    tok = char_tokenizer(chat=True)
+    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                         "{% endif %}" + tok.chat_template)
+    with pytest.raises(EvomergeError, match="chat template cannot render this prompt.*System role not supported.*"
+                                            "drop the system prompt or set chat_template: false"):
+        build_evaluator({"task": "mgsm", "lang": "en", "system": "Be brief."}, tok)
