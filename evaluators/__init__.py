@@ -16,6 +16,7 @@ campaign config or `evomerge eval` writes them:
     {task: "lm_eval:arc_easy", limit: 100, include_path: tasks/, metrics: [acc]}
     {task: "perplexity", path: corpus.jsonl, field: text}
     {task: "vqa", path: questions.jsonl, lang: ja}                # LLaVA-family models, ROUGE-L
+    {task: "vqa", easy_vqa: {split: test, start: 0, n: 64}}       # images shipped by easy-vqa
     {task: "simulate", seconds: 0.5, spread: 0.8, fail_rate: 0.1} # benchmarks and executor tests
 """
 

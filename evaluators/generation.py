@@ -77,7 +77,9 @@ def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings)
     span = 4 * max((len(s) for s in settings.stop), default=0) + 2
     # Prefill needs the last position's logits only; without this a long prompt batch materializes
     # (batch x length x vocabulary) logits.
-    last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    params = inspect.signature(model.forward).parameters
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    cache_arg = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.24 renamed it
     # Splicing new rows beside running ones needs plain dynamic cache layers; sliding-window layers
     # (Mistral, Gemma) get eviction only, and a new batch once the running one has finished.
     can_splice = all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
@@ -105,7 +107,7 @@ def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings)
         input_ids, mask = input_ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=model.config)
-        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, **{cache_arg: cache},
                        use_cache=True, **last_only).logits[:, -1]
         return cache, mask, positions[:, -1], logits
 
@@ -148,7 +150,7 @@ def generate(model, tokenizer, prompts: list[str], settings: GenerationSettings)
         mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
         next_pos = next_pos + 1
         logits = model(input_ids=step_ids, attention_mask=mask, position_ids=next_pos[:, None],
-                       past_key_values=cache, use_cache=True).logits[:, -1]
+                       **{cache_arg: cache}, use_cache=True).logits[:, -1]
     return out  # type: ignore[return-value]
 
 

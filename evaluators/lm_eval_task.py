@@ -64,10 +64,8 @@ class LMEvalTask:
             raise ValueError(f"lm-eval has no task {task!r}" + ("" if include_path else "; local tasks need include_path"))
         self.split = split  # informational: lm-eval tasks fix their own split in the task YAML
         try:  # load the data now: a data set missing from the offline cache is one line before any weight loads
-            from lm_eval.tasks import get_task_dict
-
             with quiet_lm_eval():
-                loaded = get_task_dict([task], self.task_manager)
+                loaded = self.task_manager.load([task])["tasks"]
         except Exception as exc:
             raise ValueError(f"lm-eval task {task!r} could not load its data ({type(exc).__name__}: "
                              f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); offline, its data set must be "
