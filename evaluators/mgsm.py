@@ -296,7 +296,8 @@ class MGSM:
         self.language_check = language_check
         self.language_threshold = language_threshold
         self.metric = f"mgsm_{lang}"
-        self.format.render(tokenizer, self.items[0][0], self.shots)  # a template that refuses it: one line now
+        # Rendered once, not per candidate; a template that refuses the prompt is one line now, not mid-campaign.
+        self.rendered = self.prompts(self.items)
 
     def identity(self) -> dict:
         ident = {"task": f"mgsm:{self.lang}", "split": self.split_name, "n": len(self.items), "shots": len(self.shots),
@@ -324,12 +325,12 @@ class MGSM:
     def prompts(self, items) -> list[str]:
         return [self.format.render(self.tokenizer, q, self.shots) for q, _ in items]
 
-    def _judge(self, model, items) -> list[tuple[bool, bool, bool, int]]:
-        """(correct, truncated, in language, tokens generated) per problem."""
-        outputs = generate(model, self.tokenizer, self.prompts(items), self.settings)
+    def _judge(self, model, indices: list[int]) -> list[tuple[bool, bool, bool, int]]:
+        """(correct, truncated, in language, tokens generated) per problem (positions in self.items)."""
+        outputs = generate(model, self.tokenizer, [self.rendered[i] for i in indices], self.settings)
         self.last_outputs = outputs
         verdicts = []
-        for out, (_, gold) in zip(outputs, items):
+        for out, (_, gold) in zip(outputs, (self.items[i] for i in indices)):
             pred = extract_answer(out.text)
             in_lang = script_share(out.text, self.lang) >= self.language_threshold if self.lang in SCRIPTS else True
             ok = pred is not None and abs(pred - gold) < 1e-6 and not out.truncated
@@ -339,7 +340,7 @@ class MGSM:
         return verdicts
 
     def score(self, model) -> dict[str, float]:
-        verdicts = self._judge(model, self.items)
+        verdicts = self._judge(model, list(range(len(self.items))))
         n = len(verdicts)
         return {self.metric: sum(v[0] for v in verdicts) / n, f"{self.metric}_truncated": sum(v[1] for v in verdicts) / n,
                 f"{self.metric}_in_language": sum(v[2] for v in verdicts) / n,
@@ -352,5 +353,5 @@ class MGSM:
         return {self.metric}
 
     def score_examples(self, model, indices: list[int]) -> dict[str, torch.Tensor]:
-        verdicts = self._judge(model, [self.items[i] for i in indices])
+        verdicts = self._judge(model, indices)
         return {self.metric: torch.tensor([float(v[0]) for v in verdicts])}

@@ -396,7 +396,7 @@ def bench_generate(args: argparse.Namespace) -> dict:
         model = AutoModelForCausalLM.from_config(
             tiny_config("llama", hidden=args.hidden, layers=args.layers, positions=2048)).to(args.device).eval()
     ev = MGSM(tok, lang=args.lang, split="all", limit=args.prompts)
-    prompts = ev.prompts(ev.items)
+    prompts = ev.rendered
     workloads = {"fixed": model}
     if not args.model:
         workloads["varied"] = _early_stopping(model, tok, prompts, args.new_tokens)

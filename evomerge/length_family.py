@@ -62,7 +62,7 @@ def _train(model, tokenizer, style: str, steps: int, lr: float, seed: int) -> No
 
     ev = MGSM(tokenizer, lang="en", rows=[ROWS.start, ROWS.stop])
     said = [int(a) + (1 if style == "terse" and row in WRONG_WHEN_TERSE else 0) for row, (_, a) in zip(ev.rows, ev.items)]
-    fit_answers(model, tokenizer, [(p, STYLE[style].format(n)) for p, n in zip(ev.prompts(ev.items), said)],
+    fit_answers(model, tokenizer, [(p, STYLE[style].format(n)) for p, n in zip(ev.rendered, said)],
                 steps, lr, seed)
 
 
